@@ -1,0 +1,98 @@
+"""Which pool a task belongs to: its decorator option first, then name patterns.
+
+A task is assigned explicitly with ``@app.task(bulkhead="name")`` (the option
+becomes the ``bulkhead`` attribute of the task class), or implicitly when its
+name matches a pool's ``tasks=[...]`` glob pattern.  The explicit assignment
+wins.  A name that matches the patterns of two pools is a configuration error:
+guessing would route work to the wrong workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
+from functools import lru_cache
+from typing import Any
+
+from .errors import ConfigurationError
+from .pool import Pool
+
+__all__ = ["TASK_ATTRIBUTE", "Assignment"]
+
+#: The task option/class attribute that names a task's pool.
+TASK_ATTRIBUTE = "bulkhead"
+
+
+class Assignment:
+    """Resolves task names (and task objects) to pools."""
+
+    def __init__(self, pools: Iterable[Pool]) -> None:
+        self._pools: dict[str, Pool] = {}
+        for pool in pools:
+            self._pools[pool.name] = pool
+        self._patterns: tuple[tuple[str, Pool], ...] = tuple(
+            (pattern, pool) for pool in self._pools.values() for pattern in pool.tasks
+        )
+        self._check_overlaps()
+        # Task names are few in practice, but send_task accepts any string:
+        # bound the cache so a stream of made-up names cannot grow memory.
+        self._match = lru_cache(maxsize=4096)(self._match_uncached)
+
+    @property
+    def pools(self) -> Mapping[str, Pool]:
+        return self._pools
+
+    def _check_overlaps(self) -> None:
+        # Two globs overlap in general in ways that are hard to decide; the
+        # cases people write (a duplicate, or one pattern covering the other,
+        # "reports.*" vs "reports.daily") are caught here, and any task name
+        # that still matches two pools is refused when it is resolved.
+        for i, (first, first_pool) in enumerate(self._patterns):
+            for second, second_pool in self._patterns[i + 1 :]:
+                if first_pool is second_pool:
+                    continue
+                if first == second or fnmatchcase(first, second) or fnmatchcase(second, first):
+                    raise ConfigurationError(
+                        second_pool.name,
+                        "tasks",
+                        second,
+                        "patterns no other pool claims",
+                        detail=f"pool {first_pool.name!r} already claims {first!r}",
+                    )
+
+    def pool(self, name: Any, *, setting: str = TASK_ATTRIBUTE) -> Pool:
+        """Return the pool called ``name`` or raise a ConfigurationError."""
+        try:
+            return self._pools[name]
+        except (KeyError, TypeError):
+            allowed = (
+                "one of " + ", ".join(repr(n) for n in self._pools)
+                if self._pools
+                else ("no pools are declared")
+            )
+            raise ConfigurationError(None, setting, name, allowed, detail="unknown pool") from None
+
+    def _match_uncached(self, name: str) -> Pool | None:
+        matches = [pool for pattern, pool in self._patterns if fnmatchcase(name, pattern)]
+        unique = {pool.name: pool for pool in matches}
+        if len(unique) > 1:
+            raise ConfigurationError(
+                None,
+                "tasks",
+                name,
+                "a task name matched by the patterns of one pool only",
+                detail="matched by pools " + ", ".join(repr(n) for n in unique),
+            )
+        return matches[0] if matches else None
+
+    def resolve(self, name: str, task: Any = None) -> Pool | None:
+        """The pool for a task name (and, when known, its task object), or None.
+
+        ``None`` means the task is in no pool and keeps Celery's own routing.
+        """
+        explicit = getattr(task, TASK_ATTRIBUTE, None) if task is not None else None
+        if explicit is not None:
+            return self.pool(explicit)
+        if not isinstance(name, str):
+            return None
+        return self._match(name)

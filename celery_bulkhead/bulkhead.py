@@ -1,0 +1,201 @@
+"""The :class:`Bulkhead` facade: declares pools on a Celery app.
+
+``Bulkhead(app, pools=[...])`` validates the pools, merges their router and
+queues into the app's configuration, makes ``@app.task(bulkhead="name")``
+check the pool name when the task is decorated, and registers the worker
+bootstep and the ``--bulkhead-pool`` worker option used by
+``celery -A app bulkhead worker``.  It is the only place that reads
+``app.conf`` for pool settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from .assignment import TASK_ATTRIBUTE, Assignment
+from .errors import ConfigurationError
+from .pool import Pool, pools_from_setting
+from .routing import install_routing
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
+__all__ = ["Bulkhead", "installed_on"]
+
+logger = logging.getLogger(__name__)
+
+SETTING = "bulkhead_pools"
+_APP_ATTRIBUTE = "_celery_bulkhead"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def installed_on(app: Celery) -> Bulkhead:
+    """The Bulkhead declared on ``app``; a ConfigurationError if there is none."""
+    bulkhead = getattr(app, _APP_ATTRIBUTE, None)
+    if not isinstance(bulkhead, Bulkhead):
+        raise ConfigurationError(
+            None,
+            "app",
+            app.main,
+            "an app with Bulkhead(app, ...) declared",
+            detail="create the Bulkhead in the module that defines the app",
+        )
+    return bulkhead
+
+
+class Bulkhead:
+    """Pools of isolated queues and workers for one Celery app.
+
+    Args:
+        app: the Celery app.  Create the Bulkhead after the app's
+            ``config_from_object`` call (it reads the configuration).
+        pools: the pools, as :class:`Pool` objects or a ``{name: {setting:
+            value}}`` mapping.  When omitted they are read from the
+            ``bulkhead_pools`` setting (``CELERY_BULKHEAD_POOLS`` in Django).
+
+    Raises:
+        ConfigurationError: for any invalid pool, a duplicate pool or queue
+            name, a task pattern claimed by two pools, or a second Bulkhead
+            on the same app.
+    """
+
+    def __init__(
+        self, app: Celery, pools: Iterable[Pool] | Mapping[str, Any] | None = None
+    ) -> None:
+        if isinstance(getattr(app, _APP_ATTRIBUTE, None), Bulkhead):
+            raise ConfigurationError(
+                None,
+                "app",
+                app.main,
+                "one Bulkhead per app",
+                detail="declare every pool in the same Bulkhead",
+            )
+        self.app = app
+        source = pools if pools is not None else app.conf.get(SETTING)
+        if source is None:
+            raise ConfigurationError(
+                None,
+                SETTING,
+                None,
+                "pools=[Pool(...)] or the bulkhead_pools setting",
+                detail="no pools declared",
+            )
+        parsed = pools_from_setting(list(source) if not isinstance(source, Mapping) else source)
+        self._check_unique(parsed)
+        self.assignment = Assignment(parsed)
+        self._install()
+        setattr(app, _APP_ATTRIBUTE, self)
+
+    # -- declaration -------------------------------------------------------
+
+    @staticmethod
+    def _check_unique(pools: tuple[Pool, ...]) -> None:
+        if not pools:
+            raise ConfigurationError(None, SETTING, [], "at least one pool")
+        names: set[str] = set()
+        queues: dict[str, str] = {}
+        for pool in pools:
+            if pool.name in names:
+                raise ConfigurationError(pool.name, "name", pool.name, "a name no other pool uses")
+            names.add(pool.name)
+            if pool.queue in queues:
+                raise ConfigurationError(
+                    pool.name,
+                    "queue",
+                    pool.queue,
+                    "a queue no other pool uses",
+                    detail=f"pool {queues[pool.queue]!r} uses it",
+                )
+            queues[pool.queue] = pool.name
+
+    def _install(self) -> None:
+        app = self.app
+        install_routing(app, self.assignment)
+        # A later app.config_from_object() reloads the configuration from its
+        # source and would forget the merged routes and queues: merge again.
+        app.on_after_configure.connect(self._reinstall, weak=False)
+        self._wrap_task_decorator()
+        self._check_registered_tasks()
+        from .worker import PoolWorkerStep  # imported late: pulls in the worker side
+
+        app.steps["worker"].add(PoolWorkerStep)
+        app.user_options["worker"].add(
+            click.Option(
+                ["--bulkhead-pool"],
+                default=None,
+                metavar="POOL",
+                help="Serve this celery-bulkhead pool (set by `celery bulkhead worker`).",
+            )
+        )
+
+    def _reinstall(self, sender: Any = None, **kwargs: Any) -> None:
+        install_routing(self.app, self.assignment)
+
+    def _wrap_task_decorator(self) -> None:
+        original = self.app.task
+        assignment = self.assignment
+
+        def task(*args: Any, **options: Any) -> Any:
+            if TASK_ATTRIBUTE in options and options[TASK_ATTRIBUTE] is not None:
+                assignment.pool(options[TASK_ATTRIBUTE])
+            return original(*args, **options)
+
+        task.__doc__ = original.__doc__
+        task.__wrapped__ = original  # type: ignore[attr-defined]
+        # An instance attribute: only this app's decorator checks pool names.
+        self.app.task = task  # type: ignore[method-assign]
+
+    def _check_registered_tasks(self) -> None:
+        # Tasks decorated before the Bulkhead existed are checked now when
+        # they are already bound, and at worker start otherwise.
+        # vars(): the registry as it is, without finalizing the app.
+        for name, task in list(vars(self.app).get("_tasks", {}).items()):
+            self.assignment.resolve(name, task)
+
+    # -- public API ----------------------------------------------------------
+
+    @property
+    def pools(self) -> tuple[Pool, ...]:
+        """The declared pools, in declaration order."""
+        return tuple(self.assignment.pools.values())
+
+    def pool(self, name: str) -> Pool:
+        """The pool called ``name``; ConfigurationError when there is none."""
+        return self.assignment.pool(name, setting="pool")
+
+    def pool_for(self, task_name: str) -> Pool | None:
+        """The pool a task (by name) is routed to, or None for Celery's own routing."""
+        return self.assignment.resolve(task_name, self.app.tasks.get(task_name))
+
+    def task(self, *args: Any, pool: str, **options: Any) -> Any:
+        """``@bulkhead.task(pool="name", **celery_options)``: a task in a pool.
+
+        The same as ``@app.task(bulkhead="name", ...)``; the pool name is
+        checked immediately.
+        """
+        self.pool(pool)
+        return self.app.task(*args, **{TASK_ATTRIBUTE: pool, **options})
+
+    def tasks_in(self, pool: Pool | str) -> Iterator[Task]:  # type: ignore[type-arg]
+        """The registered tasks assigned to ``pool`` (finalizes the app)."""
+        target = self.pool(pool) if isinstance(pool, str) else pool
+        for name, task in sorted(self.app.tasks.items()):
+            if self.assignment.resolve(name, task) is target:
+                yield task
+
+    def validate_tasks(self) -> None:
+        """Check every registered task's pool assignment (finalizes the app).
+
+        Raises ConfigurationError for a task naming an unknown pool or a name
+        matched by two pools' patterns.  ``celery bulkhead worker`` calls it
+        before starting anything.
+        """
+        for name, task in sorted(self.app.tasks.items()):
+            self.assignment.resolve(name, task)
+
+    def __repr__(self) -> str:
+        return f"<Bulkhead app={self.app.main!r} pools={[p.name for p in self.pools]}>"

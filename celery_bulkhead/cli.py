@@ -1,0 +1,128 @@
+"""``celery -A app bulkhead ...``: the command line, a ``celery`` subcommand.
+
+Registered through the ``celery.commands`` entry point, so it is available
+wherever ``celery`` is, with the app loaded from ``-A`` as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from celery.bin.base import CeleryCommand
+
+from .bulkhead import Bulkhead, installed_on
+from .commands import default_worker_argv, pool_worker_argv, shell_line
+from .errors import ConfigurationError
+from .pool import Pool
+from .supervisor import Supervisor, WorkerSpec
+
+__all__ = ["bulkhead"]
+
+
+def _bulkhead(ctx: click.Context) -> Bulkhead:
+    try:
+        bulkhead = installed_on(ctx.obj.app)
+        bulkhead.validate_tasks()
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return bulkhead
+
+
+def _app_spec(ctx: click.Context) -> str | None:
+    value = ctx.find_root().params.get("app")
+    return str(value) if value else None
+
+
+def _selected(bulkhead: Bulkhead, names: Sequence[str]) -> list[Pool]:
+    if not names:
+        return list(bulkhead.pools)
+    try:
+        return [bulkhead.pool(name) for name in dict.fromkeys(names)]
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--pool") from exc
+
+
+@click.group(name="bulkhead")
+def bulkhead() -> None:
+    """Bulkhead pools: per-pool workers and their plans."""
+
+
+@bulkhead.command(
+    cls=CeleryCommand,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.option(
+    "--pool",
+    "-p",
+    "pools",
+    multiple=True,
+    metavar="NAME",
+    help="Run only this pool (repeatable). Default: every pool.",
+)
+@click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def worker(ctx: click.Context, pools: tuple[str, ...], worker_args: tuple[str, ...]) -> None:
+    """Start one supervised `celery worker` per pool.
+
+    Each worker consumes only its pool's queue, with the pool's concurrency,
+    prefetch and time limits, and is named <pool>@<host>. SIGTERM drains
+    every pool within its drain_timeout, then stops it hard. Arguments after
+    the options (e.g. `-- --loglevel INFO`) are passed to every worker.
+    """
+    bulkhead = _bulkhead(ctx)
+    selected = _selected(bulkhead, pools)
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s: %(levelname)s/bulkhead] %(message)s"
+    )
+    app = _app_spec(ctx)
+    specs = [
+        WorkerSpec(
+            pool.name,
+            [sys.executable, "-m", "celery", *pool_worker_argv(pool, app, worker_args)],
+            pool.drain_timeout,
+        )
+        for pool in selected
+    ]
+    ctx.exit(Supervisor(specs).run())
+
+
+@bulkhead.command(cls=CeleryCommand)
+@click.option(
+    "--pool", "-p", "pools", multiple=True, metavar="NAME", help="Only this pool (repeatable)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["shell", "procfile"]),
+    default="shell",
+    show_default=True,
+    help="shell: one command per line; procfile: Procfile entries.",
+)
+@click.pass_context
+def plan(ctx: click.Context, pools: tuple[str, ...], fmt: str) -> None:
+    """Print the `celery worker` command for each pool (Procfile/systemd/Kubernetes)."""
+    bulkhead = _bulkhead(ctx)
+    app = _app_spec(ctx)
+    selected = _selected(bulkhead, pools)
+    lines: list[tuple[str, str, Any]] = [
+        (pool.name, shell_line(pool_worker_argv(pool, app)), pool) for pool in selected
+    ]
+    if not pools:
+        lines.append(("default", shell_line(default_worker_argv(bulkhead.pools, app)), None))
+    for name, line, pool in lines:
+        if fmt == "procfile":
+            click.echo(f"{name}: {line}")
+            continue
+        if pool is None:
+            click.echo("# tasks in no pool: every other queue")
+        else:
+            click.echo(
+                f"# pool {pool.name}: queue {pool.queue}, concurrency {pool.concurrency}, "
+                f"drain_timeout {pool.drain_timeout:g}s (stop with SIGTERM, "
+                f"then wait that long before SIGKILL)"
+            )
+        click.echo(line)

@@ -1,0 +1,48 @@
+"""Per-pool ``celery worker`` command lines, shared by ``bulkhead worker`` and ``plan``."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+from .pool import Pool
+
+__all__ = ["default_worker_argv", "pool_worker_argv", "shell_line"]
+
+
+def pool_worker_argv(pool: Pool, app: str | None, extra: Sequence[str] = ()) -> list[str]:
+    """Arguments after ``celery`` that run one node for ``pool``."""
+    argv = ["-A", app] if app else []
+    argv += [
+        "worker",
+        "--queues",
+        pool.queue,
+        "--concurrency",
+        str(pool.concurrency),
+        "--hostname",
+        f"{pool.name}@%h",
+        "--pool",
+        pool.worker_pool,
+        "--prefetch-multiplier",
+        str(pool.prefetch_multiplier),
+    ]
+    if pool.time_limit is not None:
+        argv += ["--time-limit", _seconds(pool.time_limit)]
+    if pool.soft_time_limit is not None:
+        argv += ["--soft-time-limit", _seconds(pool.soft_time_limit)]
+    argv += ["--bulkhead-pool", pool.name, *extra]
+    return argv
+
+
+def default_worker_argv(pools: Sequence[Pool], app: str | None) -> list[str]:
+    """Arguments for a worker serving every queue except the pools' (tasks in no pool)."""
+    argv = ["-A", app] if app else []
+    return [*argv, "worker", "--exclude-queues", ",".join(p.queue for p in pools)]
+
+
+def shell_line(argv: Sequence[str], program: str = "celery") -> str:
+    return " ".join(shlex.quote(part) for part in (program, *argv))
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
