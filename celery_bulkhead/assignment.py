@@ -1,7 +1,8 @@
 """Which pool a task belongs to: its decorator option first, then name patterns.
 
 A task is assigned explicitly with ``@app.task(bulkhead="name")`` (the option
-becomes the ``bulkhead`` attribute of the task class), or implicitly when its
+becomes the ``bulkhead`` attribute of the task class, and the task's name is
+recorded when it is decorated), or implicitly when its
 name matches a pool's ``tasks=[...]`` glob pattern.  The explicit assignment
 wins.  A name that matches the patterns of two pools is a configuration error:
 guessing would route work to the wrong workers.
@@ -34,6 +35,10 @@ class Assignment:
             (pattern, pool) for pool in self._pools.values() for pattern in pool.tasks
         )
         self._check_overlaps()
+        # Task names assigned by decorator, recorded when the task is decorated:
+        # app.send_task() does not finalize the app, so a lazily declared task
+        # is not in the registry yet when its name is routed.
+        self._named: dict[str, Pool] = {}
         # Task names are few in practice, but send_task accepts any string:
         # bound the cache so a stream of made-up names cannot grow memory.
         self._match = lru_cache(maxsize=4096)(self._match_uncached)
@@ -72,6 +77,12 @@ class Assignment:
             )
             raise ConfigurationError(None, setting, name, allowed, detail="unknown pool") from None
 
+    def assign(self, task_name: str, pool_name: Any) -> Pool:
+        """Record that ``task_name`` was decorated into ``pool_name``."""
+        pool = self.pool(pool_name)
+        self._named[task_name] = pool
+        return pool
+
     def _match_uncached(self, name: str) -> Pool | None:
         matches = [pool for pattern, pool in self._patterns if fnmatchcase(name, pattern)]
         unique = {pool.name: pool for pool in matches}
@@ -95,4 +106,7 @@ class Assignment:
             return self.pool(explicit)
         if not isinstance(name, str):
             return None
+        named = self._named.get(name)
+        if named is not None:
+            return named
         return self._match(name)

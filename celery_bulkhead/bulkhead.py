@@ -136,18 +136,34 @@ class Bulkhead:
         install_routing(self.app, self.assignment)
 
     def _wrap_task_decorator(self) -> None:
-        original = self.app.task
+        app = self.app
+        original = app.task
         assignment = self.assignment
 
+        def assign(fun: Any, options: dict[str, Any]) -> None:
+            # The name Celery will give the task (Celery._task_from_fun).
+            name = options.get("name") or app.gen_task_name(fun.__name__, fun.__module__)
+            assignment.assign(name, options[TASK_ATTRIBUTE])
+
         def task(*args: Any, **options: Any) -> Any:
-            if TASK_ATTRIBUTE in options and options[TASK_ATTRIBUTE] is not None:
-                assignment.pool(options[TASK_ATTRIBUTE])
-            return original(*args, **options)
+            if options.get(TASK_ATTRIBUTE) is None:
+                return original(*args, **options)
+            assignment.pool(options[TASK_ATTRIBUTE])  # unknown pool: fail at decoration
+            if len(args) == 1 and callable(args[0]):  # @app.task(fun, bulkhead=...)
+                assign(args[0], options)
+                return original(*args, **options)
+            decorate = original(*args, **options)
+
+            def decorator(fun: Any) -> Any:
+                assign(fun, options)
+                return decorate(fun)
+
+            return decorator
 
         task.__doc__ = original.__doc__
         task.__wrapped__ = original  # type: ignore[attr-defined]
-        # An instance attribute: only this app's decorator checks pool names.
-        self.app.task = task  # type: ignore[method-assign]
+        # An instance attribute: only this app's decorator is wrapped.
+        app.task = task  # type: ignore[method-assign]
 
     def _check_registered_tasks(self) -> None:
         # Tasks decorated before the Bulkhead existed are checked now when

@@ -7,6 +7,7 @@ wherever ``celery`` is, with the app loaded from ``-A`` as usual.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,8 +25,12 @@ __all__ = ["bulkhead"]
 
 
 def _bulkhead(ctx: click.Context) -> Bulkhead:
+    app = ctx.obj.app
     try:
-        bulkhead = installed_on(ctx.obj.app)
+        bulkhead = installed_on(app)
+        # The modules workers import (include=, imports=, Django's autodiscovery)
+        # are imported here too, so a bad pool name fails now, not in a restart loop.
+        app.loader.import_default_modules()
         bulkhead.validate_tasks()
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -84,6 +89,8 @@ def worker(ctx: click.Context, pools: tuple[str, ...], worker_args: tuple[str, .
             pool.name,
             [sys.executable, "-m", "celery", *pool_worker_argv(pool, app, worker_args)],
             pool.drain_timeout,
+            # Only prefork can cancel a running task on cold shutdown.
+            signal.SIGQUIT if pool.worker_pool == "prefork" else None,
         )
         for pool in selected
     ]

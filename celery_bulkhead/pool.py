@@ -20,6 +20,7 @@ __all__ = ["ON_FULL_POLICIES", "WORKER_POOLS", "Pool", "pools_from_setting"]
 OnFull = Literal["reject", "drop", "block"]
 ON_FULL_POLICIES: tuple[str, ...] = ("reject", "drop", "block")
 WORKER_POOLS: tuple[str, ...] = ("prefork", "threads", "solo", "gevent", "eventlet")
+_NO_TIME_LIMITS = ("threads", "solo")
 
 # A pool name becomes part of a worker node name (``<pool>@%h``) and of a
 # queue name, so it must survive both: no ``@``, no spaces, no separators
@@ -166,6 +167,18 @@ class Pool:
         )
         if self.worker_pool not in WORKER_POOLS:
             raise _fail(name, "worker_pool", self.worker_pool, "one of " + ", ".join(WORKER_POOLS))
+        if self.worker_pool in _NO_TIME_LIMITS:
+            # Celery's threads and solo pools accept time limits and never
+            # enforce them: refuse rather than promise what will not happen.
+            for setting in ("time_limit", "soft_time_limit"):
+                if getattr(self, setting) is not None:
+                    raise _fail(
+                        name,
+                        setting,
+                        getattr(self, setting),
+                        f"None with worker_pool={self.worker_pool!r} (Celery does not enforce "
+                        "time limits there; use 'prefork', 'gevent' or 'eventlet')",
+                    )
 
     def _validated_patterns(self, value: Any) -> tuple[str, ...]:
         allowed = "a list of task-name glob patterns such as 'reports.*'"
@@ -174,9 +187,11 @@ class Pool:
         patterns = tuple(value)
         for pattern in patterns:
             if not isinstance(pattern, str) or not _PATTERN_RE.match(pattern):
-                raise _fail(self.name, "tasks", pattern, allowed)
+                raise ConfigurationError(
+                    self.name, "tasks", value, allowed, detail=f"{pattern!r} is not a pattern"
+                )
         if len(set(patterns)) != len(patterns):
-            raise _fail(self.name, "tasks", list(patterns), allowed + ", each pattern once")
+            raise _fail(self.name, "tasks", value, allowed + ", each pattern once")
         return patterns
 
     @classmethod

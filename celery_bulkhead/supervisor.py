@@ -8,10 +8,15 @@ What it guarantees:
   (1 s doubling to 30 s, reset after a minute of healthy running);
 * SIGTERM or SIGINT starts a *drain*: each worker gets SIGTERM (Celery's warm
   shutdown: stop consuming, finish running tasks) and has its pool's
-  ``drain_timeout`` to exit; then it gets SIGQUIT (cold shutdown) and, 10 s
-  later, SIGKILL.  A second SIGTERM/SIGINT, or SIGQUIT, skips to the cold
-  shutdown.  With ``acks_late`` (the default) tasks interrupted this way are
-  redelivered by the broker, not lost;
+  ``drain_timeout`` to exit.  Then it is stopped hard: a prefork worker gets
+  SIGQUIT (Celery's cold shutdown, which hands unacknowledged ``acks_late``
+  messages back to the broker) and, 10 s later, SIGKILL; a threads, solo,
+  gevent or eventlet worker cannot cancel a running task (Celery's cold
+  shutdown crashes on them and may acknowledge the message as failed), so its
+  process group gets SIGKILL at once and the broker redelivers the
+  unacknowledged messages (RabbitMQ when the connection drops, Redis after
+  ``visibility_timeout``).  A second SIGTERM/SIGINT, or SIGQUIT, skips to the
+  hard stop.  With ``acks_late`` (the default) nothing is lost;
 * SIGHUP, SIGUSR1 and SIGUSR2 are forwarded to every worker;
 * if the supervisor itself is killed, Linux sends its workers SIGTERM.
 """
@@ -42,11 +47,17 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass
 class WorkerSpec:
-    """One supervised worker: a name (the pool), its argv and its drain time."""
+    """One supervised worker: a name (the pool), its argv and how it stops.
+
+    ``cold_signal`` is sent when the drain time is up (SIGQUIT for prefork);
+    ``None`` means the worker cannot stop a running task itself, so its
+    process group is killed instead.
+    """
 
     name: str
     argv: list[str]
     drain_timeout: float
+    cold_signal: int | None = signal.SIGQUIT
 
 
 @dataclass
@@ -131,11 +142,23 @@ class Supervisor:
     def _go_cold(self, child: _Child, now: float) -> None:
         if child.process is None or child.process.poll() is not None or child.kill_at is not None:
             return
-        logger.warning("pool %r did not drain in time: cold shutdown", child.spec.name)
         child.stopped_hard = True
-        self._send(child, signal.SIGQUIT)
         child.cold_at = now
+        cold = child.spec.cold_signal
+        if cold is None:
+            logger.warning("pool %r did not drain in time: killing it", child.spec.name)
+            self._kill(child)
+            child.kill_at = now + HARD_KILL_GRACE
+            return
+        logger.warning("pool %r did not drain in time: cold shutdown", child.spec.name)
+        self._send(child, cold)
         child.kill_at = now + HARD_KILL_GRACE
+
+    @staticmethod
+    def _kill(child: _Child) -> None:
+        if child.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)
 
     def _handle_signals(self, now: float) -> None:
         pending, self._pending = self._pending, []
@@ -190,9 +213,8 @@ class Supervisor:
                 continue
             if child.kill_at is not None:
                 if now >= child.kill_at:
-                    logger.error("pool %r ignored cold shutdown: SIGKILL", child.spec.name)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(child.process.pid, signal.SIGKILL)
+                    logger.error("pool %r is still running: SIGKILL", child.spec.name)
+                    self._kill(child)
                     child.kill_at = now + HARD_KILL_GRACE
                 else:
                     wait = min(wait, child.kill_at - now)

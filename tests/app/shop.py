@@ -30,19 +30,42 @@ def make_app(broker_url: str, prefix: str) -> Celery:
         task_routes={"legacy.*": {"queue": f"{prefix}.legacy"}},
         task_queues=None,
         broker_connection_retry_on_startup=True,
-        # Short, so a message held by a worker killed hard comes back quickly.
-        broker_transport_options={"visibility_timeout": 4},
+        # Redis: a message held by a worker that was killed comes back after
+        # visibility_timeout, found by a scan every interval x throttle seconds.
+        broker_transport_options={
+            "visibility_timeout": 4,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        },
         worker_hijack_root_logger=False,
     )
     bulkhead = Bulkhead(
         app,
         pools=[
-            Pool("fast", concurrency=2, queue=f"{prefix}.fast", worker_pool="threads",
-                 drain_timeout=20),
-            Pool("slow", concurrency=2, queue=f"{prefix}.slow", worker_pool="threads",
-                 tasks=["shop.reports.*"], drain_timeout=1.5),
-            Pool("cpu", concurrency=2, queue=f"{prefix}.cpu", worker_pool="prefork",
-                 time_limit=30, soft_time_limit=20),
+            Pool(
+                "fast",
+                concurrency=2,
+                queue=f"{prefix}.fast",
+                worker_pool="threads",
+                drain_timeout=20,
+            ),
+            Pool(
+                "slow",
+                concurrency=2,
+                queue=f"{prefix}.slow",
+                worker_pool="threads",
+                tasks=["shop.reports.*"],
+                drain_timeout=1.5,
+            ),
+            Pool(
+                "cpu",
+                concurrency=2,
+                queue=f"{prefix}.cpu",
+                worker_pool="prefork",
+                time_limit=300,
+                soft_time_limit=200,
+                drain_timeout=1.5,
+            ),
         ],
     )
     records = redis.Redis.from_url(RECORDS_URL)
@@ -73,6 +96,13 @@ def make_app(broker_url: str, prefix: str) -> Celery:
     @app.task(bind=True, bulkhead="slow", name="shop.hang", shared=False)
     def hang(self: Any, tag: str, release_key: str, timeout: float = 60.0) -> None:
         """A hung downstream: blocks until the test pushes to release_key."""
+        record(self, "started", tag=tag)
+        records.blpop([release_key], timeout=timeout)
+        record(self, "done", tag=tag)
+
+    @app.task(bind=True, bulkhead="cpu", name="shop.cpu_hang", shared=False)
+    def cpu_hang(self: Any, tag: str, release_key: str, timeout: float = 60.0) -> None:
+        """shop.hang on the prefork pool."""
         record(self, "started", tag=tag)
         records.blpop([release_key], timeout=timeout)
         record(self, "done", tag=tag)

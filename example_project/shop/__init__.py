@@ -1,0 +1,8 @@
+"""The example shop: a Celery app with three bulkhead pools.
+
+``celery -A shop ...`` finds the app here.
+"""
+
+from .celery import app
+
+__all__ = ["app"]

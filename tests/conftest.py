@@ -1,0 +1,215 @@
+"""Fixtures: real brokers, real ``celery bulkhead worker`` processes.
+
+Every test session gets its own queue-name prefix; queues are deleted at the
+end.  Brokers are expected on loopback (CI starts them); a missing broker is a
+test failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Connection
+
+from tests.app.shop import RECORDS_URL, make_app
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKERS = {
+    "redis": "redis://127.0.0.1:6379/9",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
+}
+WORKER_FLAGS = ["--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Records:
+    """What the test app's tasks reported, read from the Redis list ``<prefix>:log``."""
+
+    client: redis.Redis
+    key: str
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def refresh(self) -> list[dict[str, Any]]:
+        raw = self.client.lrange(self.key, len(self.seen), -1)
+        self.seen.extend(json.loads(item) for item in raw)
+        return self.seen
+
+    def find(self, event: str, tag: str) -> list[dict[str, Any]]:
+        return [r for r in self.refresh() if r["event"] == event and r.get("tag") == tag]
+
+    def wait(
+        self, event: str, tag: str, timeout: float = 30.0, count: int = 1
+    ) -> list[dict[str, Any]]:
+        return wait_for(
+            lambda: (found := self.find(event, tag)) and len(found) >= count and found,
+            timeout,
+            f"{count} {event!r} record(s) for tag {tag!r}",
+        )
+
+
+@dataclass
+class WorkerProcess:
+    """A running ``celery ... bulkhead worker`` (or plain ``worker``) process."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+@dataclass
+class Env:
+    """One broker, one prefix: the app, the records and a way to start workers."""
+
+    broker: str
+    url: str
+    prefix: str
+    app: Celery
+    records: Records
+    tmp: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start(self, *args: str, bulkhead: bool = True) -> WorkerProcess:
+        """Start ``celery -A tests.app.shop bulkhead worker <args>`` (or a plain worker)."""
+        env = {
+            **os.environ,
+            "BULKHEAD_TEST_BROKER": self.url,
+            "BULKHEAD_TEST_PREFIX": self.prefix,
+            "PYTHONPATH": str(ROOT),
+        }
+        command = [sys.executable, "-m", "celery", "-A", "tests.app.shop"]
+        if bulkhead:
+            command += ["bulkhead", "worker", *args, "--", *WORKER_FLAGS]
+        else:
+            command += ["worker", *args, *WORKER_FLAGS]
+        log_path = self.tmp / f"worker-{len(self.workers)}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = WorkerProcess(process, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def release(self, key: str, n: int = 1) -> None:
+        self.records.client.rpush(key, *["go"] * n)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}:{name}:{uuid.uuid4().hex[:8]}"
+
+    def ready_messages(self, queue: str) -> int:
+        """Ready messages in ``queue`` as the broker counts them (0 when it does not exist)."""
+        with Connection(self.url) as conn, conn.channel() as channel:
+            try:
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except conn.channel_errors:
+                return 0
+
+
+@pytest.fixture(scope="session")
+def session_prefix() -> str:
+    return f"bht{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def records_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(RECORDS_URL)
+    client.ping()  # a missing Redis fails here, loudly
+    yield client
+    client.close()
+
+
+def _cleanup(url: str, prefix: str, app: Celery) -> None:
+    queues = [q.name for q in app.amqp.queues.values() if q.name.startswith(prefix)]
+    with Connection(url) as conn:
+        for name in queues:
+            with conn.channel() as channel, contextlib.suppress(conn.channel_errors):
+                channel.queue_delete(name)
+            if url.startswith("amqp"):
+                with conn.channel() as channel, contextlib.suppress(conn.channel_errors):
+                    channel.exchange_delete(name)
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def env(
+    request: pytest.FixtureRequest,
+    session_prefix: str,
+    records_client: redis.Redis,
+    tmp_path: Path,
+) -> Iterator[Env]:
+    broker = request.param
+    url = BROKERS[broker]
+    prefix = f"{session_prefix}-{broker}-{uuid.uuid4().hex[:6]}"
+    app = make_app(url, prefix)
+    with Connection(url) as conn:
+        conn.ensure_connection(max_retries=1)  # a missing broker fails here
+    records = Records(records_client, f"{prefix}:log")
+    environment = Env(broker, url, prefix, app, records, tmp_path)
+    yield environment
+    for worker in environment.workers:
+        worker.stop()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for i, worker in enumerate(environment.workers):
+            sys.stderr.write(f"\n--- worker {i} log ---\n{worker.log()[-6000:]}\n")
+    _cleanup(url, prefix, app)
+    keys = list(records_client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        records_client.delete(*keys)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
