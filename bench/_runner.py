@@ -1,0 +1,536 @@
+"""Shared plumbing for the benchmarks in ``bench/``.
+
+Every benchmark script (``isolation.py`` and the ones that follow) gets the
+same ground rules from here:
+
+* ``--broker redis|rabbitmq`` picks the broker (Redis db 12 or the local
+  RabbitMQ ``/`` vhost); timing records always go to Redis db 12;
+* a :class:`Run` owns everything the script creates: a run-unique name prefix
+  (``bench-<script>-<time>-<random>``) for queues, exchanges and Redis keys,
+  the worker subprocesses (each in its own session), a SIGALRM hard limit,
+  and the cleanup of its queues and keys when it ends, however it ends;
+* workers are stopped with SIGTERM and, after a timeout, SIGKILL of their
+  process groups (and of the groups of the workers they started: ``celery
+  bulkhead worker`` runs each pool's worker in a session of its own);
+* :func:`wait_for` waits for a condition instead of sleeping a fixed time;
+* :func:`percentile`, :func:`print_table` and :func:`write_json` report.
+
+Scripts are run from the repository root as ``python bench/<name>.py``;
+workers get ``bench/`` on their ``PYTHONPATH`` so ``-A <bench app module>``
+imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import redis
+
+__all__ = [
+    "BENCH_DIR",
+    "BROKER_URLS",
+    "ENV_BROKER",
+    "ENV_PREFIX",
+    "RECORDS_URL",
+    "REPO_ROOT",
+    "WORKER_FLAGS",
+    "BenchError",
+    "HardLimitExceeded",
+    "Run",
+    "Worker",
+    "base_parser",
+    "celery_settings",
+    "environment",
+    "fmt_ms",
+    "percentile",
+    "print_table",
+    "wait_for",
+    "write_json",
+]
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+
+BROKER_URLS: dict[str, str] = {
+    "redis": "redis://127.0.0.1:6379/12",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
+}
+#: Where bench tasks write their timing records (whatever the broker is).
+RECORDS_URL = "redis://127.0.0.1:6379/12"
+
+#: Environment variables the runner sets for worker processes; bench app
+#: modules read them at import time.
+ENV_BROKER = "BENCH_BROKER_URL"
+ENV_PREFIX = "BENCH_PREFIX"
+
+#: Flags every bench worker runs with: no cluster chatter during measurement.
+WORKER_FLAGS: tuple[str, ...] = (
+    "--without-gossip",
+    "--without-mingle",
+    "--without-heartbeat",
+    "--loglevel",
+    "WARNING",
+)
+
+#: After the hard limit fires, cleanup gets this long before workers are
+#: SIGKILLed and the script exits with status 3.
+CLEANUP_GRACE = 60
+
+T = TypeVar("T")
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run as intended (worker died, condition timed out)."""
+
+
+class HardLimitExceeded(BaseException):
+    """The run's SIGALRM hard limit fired.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on
+    the way up swallows it and the cleanup in :meth:`Run.__exit__` runs.
+    """
+
+
+def celery_settings(broker_url: str, prefix: str) -> dict[str, Any]:
+    """Celery settings shared by bench apps: no results, no remote control.
+
+    Routing, prefetch and acknowledgement stay at Celery's defaults.
+
+    On Redis every broker key gets ``<prefix>:`` in front (kombu's
+    ``global_keyprefix``), so the run's cleanup finds all of them, including
+    kombu's ``unacked`` bookkeeping and exchange bindings.
+    """
+    settings: dict[str, Any] = {
+        "task_ignore_result": True,
+        "task_default_queue": f"{prefix}.default",
+        "task_default_exchange": f"{prefix}.default",
+        "task_default_routing_key": f"{prefix}.default",
+        "worker_enable_remote_control": False,
+        "worker_send_task_events": False,
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+    }
+    if broker_url.startswith("redis"):
+        settings["broker_transport_options"] = {"global_keyprefix": f"{prefix}:"}
+    else:
+        # An idle AMQP worker's event loop sleeps up to 10 s between timers,
+        # and notices a SIGTERM (warm shutdown) only when it wakes.  Checking
+        # the (default 120 s) broker heartbeat 120 times per interval wakes it
+        # every second; it sends no extra frames and does not touch delivery.
+        settings["broker_heartbeat_checkrate"] = 120
+    return settings
+
+
+# -- waiting and statistics ------------------------------------------------------
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.01,
+    workers: Sequence[Worker] = (),
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; return that.
+
+    Raises BenchError after ``timeout`` seconds, or as soon as one of
+    ``workers`` has exited (with the tail of its log).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for worker in workers:
+            if not worker.alive():
+                raise BenchError(
+                    f"worker {worker.label!r} exited (code {worker.process.returncode}) "
+                    f"while waiting for {what}:\n{worker.log_tail()}"
+                )
+        if time.monotonic() >= deadline:
+            tails = "".join(f"\n--- {w.label} ---\n{w.log_tail()}" for w in workers)
+            raise BenchError(f"timed out after {timeout:g} s waiting for {what}{tails}")
+        time.sleep(interval)
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The ``q``-th percentile (0-100), linear interpolation; NaN when empty."""
+    data = sorted(values)
+    if not data:
+        return math.nan
+    rank = (len(data) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (rank - low)
+
+
+def fmt_ms(value: float) -> str:
+    """Milliseconds with sensible precision for a table cell."""
+    if math.isnan(value):
+        return "-"
+    return f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
+# -- worker processes --------------------------------------------------------------
+
+
+def _start_time(pid: int) -> int | None:
+    """Kernel start time of ``pid`` (to tell it from a reused pid), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may contain spaces, skip past it.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Pids of every living descendant of ``pid`` (Linux /proc walk)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@dataclass
+class Worker:
+    """A worker subprocess started by :meth:`Run.start_worker`, in its own session."""
+
+    label: str
+    argv: list[str]
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    #: pid -> kernel start time of every process of this worker seen so far.
+    known: dict[int, int | None] = field(default_factory=dict)
+    stop_seconds: float | None = None
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _remember_tree(self) -> None:
+        for pid in [self.process.pid, *_descendants(self.process.pid)]:
+            self.known.setdefault(pid, _start_time(pid))
+
+    def _living(self) -> list[int]:
+        return [pid for pid, start in self.known.items() if start and _start_time(pid) == start]
+
+    def kill(self) -> None:
+        """SIGKILL the process group of every process of this worker."""
+        if self.alive():
+            self._remember_tree()
+        for pid in self._living():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                pgid = os.getpgid(pid)
+                # Only groups led by one of our own processes (start_new_session).
+                if pgid in self.known:
+                    os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+
+    def stop(self, timeout: float = 30.0) -> float:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; return seconds taken."""
+        started = time.monotonic()
+        if self.alive():
+            self._remember_tree()
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  ! worker {self.label!r} ignored SIGTERM for {timeout:g} s: SIGKILL")
+                self.kill()
+        # The top process is gone; what is left (a pool worker its supervisor
+        # lost track of) gets a moment, then SIGKILL of its process group.
+        deadline = time.monotonic() + 2.0
+        while self._living() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._living():
+            self.kill()
+        self.stop_seconds = time.monotonic() - started
+        return self.stop_seconds
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+# -- the run -------------------------------------------------------------------
+
+
+class Run:
+    """One benchmark invocation: its names, workers, hard limit and cleanup.
+
+    Use as a context manager; on exit (normal, exception, Ctrl-C, SIGTERM or
+    hard limit) it stops every worker it started and deletes the queues,
+    exchanges and Redis keys it created.
+    """
+
+    def __init__(
+        self, script: str, broker: str, *, hard_limit: float, keep_logs: bool = False
+    ) -> None:
+        if broker not in BROKER_URLS:
+            raise ValueError(f"unknown broker {broker!r}; one of {', '.join(BROKER_URLS)}")
+        self.broker = broker
+        self.broker_url = BROKER_URLS[broker]
+        self.prefix = f"bench-{script}-{time.strftime('%H%M%S')}-{secrets.token_hex(3)}"
+        self.hard_limit = hard_limit
+        self.keep_logs = keep_logs
+        self.records = redis.Redis.from_url(RECORDS_URL)
+        self.log_dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.workers: list[Worker] = []
+        self._queues: set[str] = set()
+        self._exchanges: set[str] = set()
+        self._failed = False
+        self._previous_handlers: dict[int, Any] = {}
+
+    # -- names -----------------------------------------------------------------
+
+    def scope(self, label: str) -> str:
+        """A name prefix for one part of the run (``<run prefix>.<label>``)."""
+        return f"{self.prefix}.{label}"
+
+    def env(self, prefix: str) -> dict[str, str]:
+        """Environment for a worker: broker URL, name prefix, bench/ importable."""
+        env = dict(os.environ)
+        path = [str(BENCH_DIR), str(REPO_ROOT), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        env[ENV_BROKER] = self.broker_url
+        env[ENV_PREFIX] = prefix
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def track_app(self, app: Any) -> None:
+        """Remember every queue and exchange of a Celery app, for cleanup."""
+        for name, queue in app.amqp.queues.items():
+            self._queues.add(str(name))
+            if queue.exchange is not None and queue.exchange.name:
+                self._exchanges.add(str(queue.exchange.name))
+
+    # -- workers ---------------------------------------------------------------
+
+    def start_worker(self, label: str, celery_args: Sequence[str], *, prefix: str) -> Worker:
+        """Start ``python -m celery <celery_args>`` in its own session."""
+        argv = [sys.executable, "-m", "celery", *celery_args]
+        log_path = self.log_dir / f"{label}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env=self.env(prefix),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = Worker(label, argv, process, log_path)
+        worker.known[process.pid] = _start_time(process.pid)
+        self.workers.append(worker)
+        return worker
+
+    def stop_worker(self, worker: Worker, timeout: float = 30.0) -> float:
+        seconds = worker.stop(timeout)
+        if worker in self.workers:
+            self.workers.remove(worker)
+        return seconds
+
+    def kill_all(self) -> None:
+        for worker in list(self.workers):
+            worker.kill()
+
+    # -- cleanup -----------------------------------------------------------------
+
+    def cleanup(self, scope: str | None = None) -> None:
+        """Delete the Redis keys and broker queues/exchanges under ``scope``.
+
+        ``scope`` defaults to the whole run.  Redis: every key starting with
+        it in db 12 (the broker's keys and the timing records).  RabbitMQ:
+        ``queue_delete``/``exchange_delete`` of the tracked names.
+        """
+        scope = scope or self.prefix
+        if not scope.startswith(self.prefix):
+            raise ValueError(f"{scope!r} is not part of this run ({self.prefix!r})")
+        batch: list[bytes] = []
+        for key in self.records.scan_iter(match=f"{scope}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                self.records.delete(*batch)
+                batch.clear()
+        if batch:
+            self.records.delete(*batch)
+        if self.broker == "rabbitmq":
+            queues = sorted(q for q in self._queues if q.startswith(scope))
+            exchanges = sorted(e for e in self._exchanges if e.startswith(scope))
+            self._amqp_delete(queues, exchanges)
+            self._queues.difference_update(queues)
+            self._exchanges.difference_update(exchanges)
+
+    def _amqp_delete(self, queues: Sequence[str], exchanges: Sequence[str]) -> None:
+        if not queues and not exchanges:
+            return
+        from kombu import Connection
+
+        with Connection(self.broker_url, connect_timeout=5) as conn:
+            channel: Any = conn.channel()
+            actions = [("queue", q) for q in queues] + [("exchange", e) for e in exchanges]
+            for kind, name in actions:
+                try:
+                    if kind == "queue":
+                        channel.queue_delete(queue=name)
+                    else:
+                        channel.exchange_delete(exchange=name)
+                except conn.channel_errors as exc:
+                    # A NOT_FOUND closes the channel; carry on with a new one.
+                    print(f"  ! could not delete {kind} {name!r}: {exc}")
+                    channel = conn.channel()
+            with contextlib.suppress(Exception):
+                channel.close()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        # Second stage: cleanup itself hung.  Kill what we started and leave.
+        signal.signal(signal.SIGALRM, self._on_second_alarm)
+        signal.alarm(CLEANUP_GRACE)
+        raise HardLimitExceeded(f"hard limit of {self.hard_limit:g} s reached")
+
+    def _on_second_alarm(self, signum: int, frame: FrameType | None) -> None:
+        print(f"cleanup did not finish within {CLEANUP_GRACE} s: killing workers", flush=True)
+        self.kill_all()
+        os._exit(3)
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __enter__(self) -> Run:
+        for signum, handler in (
+            (signal.SIGALRM, self._on_alarm),
+            (signal.SIGTERM, self._on_term),
+        ):
+            self._previous_handlers[signum] = signal.signal(signum, handler)
+        signal.alarm(max(1, math.ceil(self.hard_limit)))
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._failed = exc_type is not None
+        if exc_type is not None and not issubclass(exc_type, HardLimitExceeded):
+            # Leave cleanup the same grace as after a hard limit.
+            signal.signal(signal.SIGALRM, self._on_second_alarm)
+            signal.alarm(CLEANUP_GRACE)
+        try:
+            for worker in list(self.workers):
+                if self._failed:
+                    print(f"--- last log lines of {worker.label} ---\n{worker.log_tail()}")
+                self.stop_worker(worker, timeout=15.0)
+            self.cleanup()
+        finally:
+            signal.alarm(0)
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+            self.records.close()
+            if self._failed or self.keep_logs:
+                print(f"worker logs kept in {self.log_dir}")
+            else:
+                for path in self.log_dir.iterdir():
+                    path.unlink()
+                self.log_dir.rmdir()
+
+
+# -- command line and reporting --------------------------------------------------
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every bench script has."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--broker", choices=sorted(BROKER_URLS), default="redis")
+    parser.add_argument("--json", metavar="PATH", type=Path, help="also write results as JSON")
+    parser.add_argument(
+        "--hard-limit",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="abort (and clean up) after this long; default: derived from the options",
+    )
+    parser.add_argument("--keep-logs", action="store_true", help="keep the worker logs")
+    return parser
+
+
+def print_table(
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None
+) -> None:
+    """Print a Markdown-style table, numbers right-aligned."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str], first: bool = False) -> str:
+        parts = [
+            cell.ljust(width) if i == 0 or first else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "| " + " | ".join(parts) + " |"
+
+    if title:
+        print(f"\n{title}")
+    print(line(cells[0], first=True))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells[1:]:
+        print(line(row))
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    versions = {}
+    for package in ("celery", "kombu", "redis", "amqp", "celery-bulkhead"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "packages": versions,
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    print(f"\nresults written to {path}")
