@@ -14,8 +14,18 @@ Then run ``celery -A app bulkhead worker``.
 """
 
 from .bulkhead import Bulkhead
-from .errors import BulkheadError, ConfigurationError
+from .errors import BrokerUnavailable, BulkheadError, ConfigurationError, PoolFull, Rejected
 from .pool import Pool
+from .results import DroppedResult
 
-__all__ = ["Bulkhead", "BulkheadError", "ConfigurationError", "Pool"]
+__all__ = [
+    "BrokerUnavailable",
+    "Bulkhead",
+    "BulkheadError",
+    "ConfigurationError",
+    "DroppedResult",
+    "Pool",
+    "PoolFull",
+    "Rejected",
+]
 __version__ = "0.1.0"

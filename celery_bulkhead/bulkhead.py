@@ -11,14 +11,17 @@ bootstep and the ``--bulkhead-pool`` worker option used by
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from .admission import Admission
 from .assignment import TASK_ATTRIBUTE, Assignment
 from .errors import ConfigurationError
 from .pool import Pool, pools_from_setting
+from .publishing import install_publishing, install_timeouts
 from .routing import install_routing
 
 if TYPE_CHECKING:
@@ -29,8 +32,21 @@ __all__ = ["Bulkhead", "installed_on"]
 logger = logging.getLogger(__name__)
 
 SETTING = "bulkhead_pools"
+TIMEOUT_SETTING = "bulkhead_publish_timeout"
+DEFAULT_PUBLISH_TIMEOUT = 10.0
 _APP_ATTRIBUTE = "_celery_bulkhead"
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _seconds(setting: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(None, setting, value, "a finite number of seconds > 0")
+    return float(value)
 
 
 def installed_on(app: Celery) -> Bulkhead:
@@ -56,6 +72,11 @@ class Bulkhead:
         pools: the pools, as :class:`Pool` objects or a ``{name: {setting:
             value}}`` mapping.  When omitted they are read from the
             ``bulkhead_pools`` setting (``CELERY_BULKHEAD_POOLS`` in Django).
+        publish_timeout: longest time, in seconds, a pool publish keeps
+            trying a broker that is down or frozen before it raises
+            ``BrokerUnavailable`` (default: the ``bulkhead_publish_timeout``
+            setting, else 10).  On Redis it also becomes the transport's
+            ``socket_timeout`` unless the app set one.
 
     Raises:
         ConfigurationError: for any invalid pool, a duplicate pool or queue
@@ -64,7 +85,11 @@ class Bulkhead:
     """
 
     def __init__(
-        self, app: Celery, pools: Iterable[Pool] | Mapping[str, Any] | None = None
+        self,
+        app: Celery,
+        pools: Iterable[Pool] | Mapping[str, Any] | None = None,
+        *,
+        publish_timeout: float | None = None,
     ) -> None:
         if isinstance(getattr(app, _APP_ATTRIBUTE, None), Bulkhead):
             raise ConfigurationError(
@@ -87,6 +112,10 @@ class Bulkhead:
         parsed = pools_from_setting(list(source) if not isinstance(source, Mapping) else source)
         self._check_unique(parsed)
         self.assignment = Assignment(parsed)
+        timeout = app.conf.get(TIMEOUT_SETTING, DEFAULT_PUBLISH_TIMEOUT)
+        timeout = publish_timeout if publish_timeout is not None else timeout
+        self.publish_timeout = _seconds(TIMEOUT_SETTING, timeout)
+        self.admission = Admission(app, self.assignment.pools, self.publish_timeout)
         self._install()
         setattr(app, _APP_ATTRIBUTE, self)
 
@@ -115,6 +144,8 @@ class Bulkhead:
     def _install(self) -> None:
         app = self.app
         install_routing(app, self.assignment)
+        install_timeouts(app, self.publish_timeout)
+        install_publishing(app, self.admission)
         # A later app.config_from_object() reloads the configuration from its
         # source and would forget the merged routes and queues: merge again.
         app.on_after_configure.connect(self._reinstall, weak=False)
@@ -134,6 +165,7 @@ class Bulkhead:
 
     def _reinstall(self, sender: Any = None, **kwargs: Any) -> None:
         install_routing(self.app, self.assignment)
+        install_timeouts(self.app, self.publish_timeout)
 
     def _wrap_task_decorator(self) -> None:
         app = self.app

@@ -6,6 +6,7 @@ import shlex
 from collections.abc import Sequence
 
 from .pool import Pool
+from .routing import consumed_queues
 
 __all__ = ["default_worker_argv", "pool_worker_argv", "shell_line"]
 
@@ -16,7 +17,7 @@ def pool_worker_argv(pool: Pool, app: str | None, extra: Sequence[str] = ()) -> 
     argv += [
         "worker",
         "--queues",
-        pool.queue,
+        ",".join(consumed_queues(pool)),
         "--concurrency",
         str(pool.concurrency),
         "--hostname",
@@ -37,7 +38,8 @@ def pool_worker_argv(pool: Pool, app: str | None, extra: Sequence[str] = ()) -> 
 def default_worker_argv(pools: Sequence[Pool], app: str | None) -> list[str]:
     """Arguments for a worker serving every queue except the pools' (tasks in no pool)."""
     argv = ["-A", app] if app else []
-    return [*argv, "worker", "--exclude-queues", ",".join(p.queue for p in pools)]
+    excluded = [name for pool in pools for name in consumed_queues(pool)]
+    return [*argv, "worker", "--exclude-queues", ",".join(excluded)]
 
 
 def shell_line(argv: Sequence[str], program: str = "celery") -> str:

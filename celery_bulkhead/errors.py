@@ -3,17 +3,24 @@
 Every error has one root, so ``except BulkheadError`` catches them all::
 
     BulkheadError
-    └── ConfigurationError     a pool, a setting or a task assignment is invalid
+    ├── ConfigurationError     a pool, a setting or a task assignment is invalid
+    ├── BrokerUnavailable      a pool publish could not reach the broker in time
+    │                          (also a kombu OperationalError)
+    └── Rejected               a publish was refused by admission
+        └── PoolFull           the pool's queue holds max_queue ready messages
 
 Errors carry data, not only a message: a ``ConfigurationError`` knows the pool,
-the setting, the value that was refused and what would have been allowed.
+the setting, the value that was refused and what would have been allowed; a
+``PoolFull`` knows the pool, the queue depth it saw and the cap.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BulkheadError", "ConfigurationError"]
+from kombu.exceptions import OperationalError
+
+__all__ = ["BrokerUnavailable", "BulkheadError", "ConfigurationError", "PoolFull", "Rejected"]
 
 
 class BulkheadError(Exception):
@@ -46,3 +53,74 @@ class ConfigurationError(BulkheadError, ValueError):
         if detail:
             message = f"{message} ({detail})"
         super().__init__(message)
+
+
+class BrokerUnavailable(BulkheadError, OperationalError):
+    """A publish to a pool could not reach the broker within the publish timeout.
+
+    A kombu ``OperationalError`` too, so existing ``except OperationalError``
+    handlers for a broker outage still catch it.
+
+    Raised instead of hanging: a stopped or frozen broker makes the publish
+    fail after about ``timeout`` seconds (``bulkhead_publish_timeout``).  The
+    broker's own error is chained as ``__cause__``.
+    """
+
+    def __init__(self, pool: str, timeout: float, reason: str) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.reason = reason
+        super().__init__(
+            f"pool {pool!r}: broker unavailable, publish gave up within {timeout:g}s: {reason}"
+        )
+
+
+class Rejected(BulkheadError):
+    """A publish was refused by admission; nothing was enqueued."""
+
+    def __init__(self, pool: str, message: str) -> None:
+        self.pool = pool
+        super().__init__(message)
+
+
+class PoolFull(Rejected):
+    """The pool's queue already holds ``cap`` ready messages.
+
+    Attributes:
+        pool: the pool's name.
+        depth: ready messages in the queue when the publish was refused.
+        cap: the pool's ``max_queue``.
+        task_id: the id of the refused task message.
+        group_id: the group the refused message belonged to, if any.
+        admitted: ids of that group's members this process already published
+            before the refusal (they will run; revoke them if the group must
+            not run partially).
+        waited: seconds spent waiting for room (``on_full="block"``).
+    """
+
+    def __init__(
+        self,
+        pool: str,
+        depth: int,
+        cap: int,
+        *,
+        task_id: str | None = None,
+        group_id: str | None = None,
+        admitted: tuple[str, ...] = (),
+        waited: float = 0.0,
+    ) -> None:
+        self.depth = depth
+        self.cap = cap
+        self.task_id = task_id
+        self.group_id = group_id
+        self.admitted = admitted
+        self.waited = waited
+        message = f"pool {pool!r} is full: {depth} ready messages, cap {cap}"
+        if waited:
+            message += f" (no room within {waited:.3g}s)"
+        if group_id is not None:
+            message += (
+                f"; group {group_id} refused at task {task_id}, "
+                f"{len(admitted)} earlier member(s) already published: {list(admitted)}"
+            )
+        super().__init__(pool, message)

@@ -22,7 +22,13 @@ if TYPE_CHECKING:
 
     from .pool import Pool
 
-__all__ = ["BulkheadRouter", "install_routing", "pool_queue"]
+__all__ = [
+    "BulkheadRouter",
+    "consumed_queues",
+    "continuation_queue",
+    "install_routing",
+    "pool_queue",
+]
 
 
 class BulkheadRouter:
@@ -53,8 +59,35 @@ class PoolQueue(Queue):
 
 
 def pool_queue(pool: Pool) -> Queue:
-    """The kombu queue a pool's tasks are published to and its workers consume."""
-    return PoolQueue(pool.queue, Exchange(pool.queue, type="direct"), routing_key=pool.queue)
+    """The kombu queue a pool's tasks are published to and its workers consume.
+
+    A capped pool's queue carries ``x-max-length`` with ``x-overflow:
+    reject-publish``: RabbitMQ enforces the cap itself (the Redis transport
+    ignores queue arguments; there the cap is enforced at publish time).
+    """
+    exchange = Exchange(pool.queue, type="direct")
+    if pool.max_queue is None:
+        return PoolQueue(pool.queue, exchange, routing_key=pool.queue)
+    return PoolQueue(
+        pool.queue,
+        exchange,
+        routing_key=pool.queue,
+        max_length=pool.max_queue,
+        queue_arguments={"x-overflow": "reject-publish"},
+    )
+
+
+def continuation_queue(pool: Pool) -> Queue:
+    """A capped pool's uncapped queue for retries and later steps of admitted work."""
+    name = consumed_queues(pool)[-1]
+    return PoolQueue(name, Exchange(pool.queue, type="direct"), routing_key=name)
+
+
+def consumed_queues(pool: Pool) -> list[str]:
+    """Every queue a pool's workers consume, the pool's own queue first."""
+    if pool.max_queue is None:
+        return [pool.queue]
+    return [pool.queue, f"{pool.queue}.continue"]
 
 
 def _default_queue(app: Celery) -> Queue:
@@ -92,7 +125,7 @@ def install_routing(app: Celery, assignment: Assignment) -> None:
     conf = app.conf
     router = BulkheadRouter(assignment)
     pools = list(assignment.pools.values())
-    ours = {pool.queue for pool in pools}
+    ours = {name for pool in pools for name in consumed_queues(pool)}
     default = conf.task_default_queue
     for pool in pools:
         if pool.queue == default:
@@ -105,6 +138,7 @@ def install_routing(app: Celery, assignment: Assignment) -> None:
             )
     existing = conf.task_queues
     added = [pool_queue(pool) for pool in pools]
+    added += [continuation_queue(pool) for pool in pools if pool.max_queue is not None]
     if isinstance(existing, Mapping):
         merged_map: dict[Any, Any] = {}
         for key, entry in existing.items():
@@ -133,7 +167,7 @@ def install_routing(app: Celery, assignment: Assignment) -> None:
 
 
 def _clash(pools: list[Pool], name: str | None) -> ConfigurationError:
-    pool = next(p for p in pools if p.queue == name)
+    pool = next(p for p in pools if name in consumed_queues(p))
     return ConfigurationError(
         pool.name,
         "queue",

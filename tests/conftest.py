@@ -25,6 +25,7 @@ import redis
 from celery import Celery
 from kombu import Connection
 
+from tests.app.capped import make_capped_app
 from tests.app.shop import RECORDS_URL, make_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,17 +112,18 @@ class Env:
     app: Celery
     records: Records
     tmp: Path
+    module: str = "tests.app.shop"
     workers: list[WorkerProcess] = field(default_factory=list)
 
     def start(self, *args: str, bulkhead: bool = True) -> WorkerProcess:
-        """Start ``celery -A tests.app.shop bulkhead worker <args>`` (or a plain worker)."""
+        """Start ``celery -A <module> bulkhead worker <args>`` (or a plain worker)."""
         env = {
             **os.environ,
             "BULKHEAD_TEST_BROKER": self.url,
             "BULKHEAD_TEST_PREFIX": self.prefix,
             "PYTHONPATH": str(ROOT),
         }
-        command = [sys.executable, "-m", "celery", "-A", "tests.app.shop"]
+        command = [sys.executable, "-m", "celery", "-A", self.module]
         if bulkhead:
             command += ["bulkhead", "worker", *args, "--", *WORKER_FLAGS]
         else:
@@ -145,6 +147,11 @@ class Env:
 
     def key(self, name: str) -> str:
         return f"{self.prefix}:{name}:{uuid.uuid4().hex[:8]}"
+
+    def take(self, queue: str) -> bool:
+        """Remove one ready message from ``queue``, as a consumer would; False if empty."""
+        with Connection(self.url) as conn, conn.channel() as channel:
+            return channel.basic_get(queue, no_ack=True) is not None
 
     def ready_messages(self, queue: str) -> int:
         """Ready messages in ``queue`` as the broker counts them (0 when it does not exist)."""
@@ -179,21 +186,22 @@ def _cleanup(url: str, prefix: str, app: Celery) -> None:
                     channel.exchange_delete(name)
 
 
-@pytest.fixture(params=sorted(BROKERS))
-def env(
+def _environment(
     request: pytest.FixtureRequest,
+    broker: str,
     session_prefix: str,
     records_client: redis.Redis,
     tmp_path: Path,
+    make: Callable[[str, str], Celery],
+    module: str,
 ) -> Iterator[Env]:
-    broker = request.param
     url = BROKERS[broker]
     prefix = f"{session_prefix}-{broker}-{uuid.uuid4().hex[:6]}"
-    app = make_app(url, prefix)
+    app = make(url, prefix)
     with Connection(url) as conn:
         conn.ensure_connection(max_retries=1)  # a missing broker fails here
     records = Records(records_client, f"{prefix}:log")
-    environment = Env(broker, url, prefix, app, records, tmp_path)
+    environment = Env(broker, url, prefix, app, records, tmp_path, module)
     yield environment
     for worker in environment.workers:
         worker.stop()
@@ -205,6 +213,44 @@ def env(
     keys = list(records_client.scan_iter(match=f"{prefix}:*"))
     if keys:
         records_client.delete(*keys)
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def env(
+    request: pytest.FixtureRequest,
+    session_prefix: str,
+    records_client: redis.Redis,
+    tmp_path: Path,
+) -> Iterator[Env]:
+    """The shop app (tests/app/shop.py) on each broker."""
+    yield from _environment(
+        request,
+        request.param,
+        session_prefix,
+        records_client,
+        tmp_path,
+        make_app,
+        "tests.app.shop",
+    )
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def capped(
+    request: pytest.FixtureRequest,
+    session_prefix: str,
+    records_client: redis.Redis,
+    tmp_path: Path,
+) -> Iterator[Env]:
+    """The admission app (tests/app/capped.py) on each broker."""
+    yield from _environment(
+        request,
+        request.param,
+        session_prefix,
+        records_client,
+        tmp_path,
+        make_capped_app,
+        "tests.app.capped",
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

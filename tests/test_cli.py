@@ -64,3 +64,9 @@ def test_an_app_without_a_bulkhead_is_a_clear_error() -> None:
     result = celery("-A", "tests.app.plain", "bulkhead", "plan")
     assert result.returncode == 2
     assert "an app with Bulkhead(app, ...) declared" in result.stderr
+
+
+def test_plan_for_a_capped_pool_consumes_its_continuation_queue() -> None:
+    result = celery("-A", "tests.app.capped", "bulkhead", "plan", "--pool", "retrier")
+    assert result.returncode == 0, result.stderr
+    assert "--queues cli.retrier,cli.retrier.continue " in result.stdout

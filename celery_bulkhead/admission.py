@@ -1,0 +1,288 @@
+"""Submit-side admission: a pool's ``max_queue`` holds at publish time.
+
+Every publish of a pool task (``delay``, ``apply_async``, ``send_task``,
+canvas) reaches :meth:`Admission.send`, which Celery calls in place of its
+own ``send_task_message`` once the message is built and routed.  For a capped
+pool it decides:
+
+* **bypass** (never refused): a task's own retry (``self.retry``), and the
+  later steps of work already admitted (the next step of a chain, a link
+  callback or errback, a chord's body).  Refusing those would lose work.
+  They go to the pool's *continuation queue* ``<queue>.continue``, which has
+  no cap and is consumed by the same workers, so the cap itself stays exact
+  on both brokers;
+* **admit** when the queue holds fewer than ``max_queue`` ready messages,
+  checked atomically with the push (Redis: one Lua call; RabbitMQ:
+  ``x-max-length`` with ``reject-publish`` and publisher confirms);
+* otherwise the pool's ``on_full`` policy: ``reject`` raises
+  :class:`PoolFull`, ``drop`` returns a :class:`DroppedResult` (counted and
+  logged), ``block`` retries with a growing pause (5 ms to 100 ms) until room
+  appears or ``block_timeout`` passes, then rejects.
+
+A publish that cannot reach the broker gives up after ``publish_timeout``
+seconds with :class:`BrokerUnavailable`.  Eager mode (``task_always_eager``)
+never publishes, so it never meets admission.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import redis_cap
+from .amqp_cap import ConfirmingProducers, mismatch_error
+from .errors import BrokerUnavailable, PoolFull
+from .metrics import DropLog, count_admission
+from .routing import continuation_queue
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from kombu import Queue
+
+    from .pool import Pool
+
+__all__ = ["Admission", "Dropped", "bypass_reason"]
+
+Sender = Callable[..., Any]
+_BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
+_GROUPS_TRACKED = 64
+
+
+class Dropped(Exception):
+    """Internal: raised through Celery's send_task to return a DroppedResult."""
+
+    def __init__(self, error: PoolFull) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+def _signature_ids(signatures: Any) -> set[str]:
+    ids: set[str] = set()
+    for sig in signatures or ():
+        if isinstance(sig, Mapping):
+            task_id = (sig.get("options") or {}).get("task_id")
+            if task_id:
+                ids.add(task_id)
+    return ids
+
+
+def bypass_reason(app: Celery, headers: Mapping[str, Any]) -> str | None:
+    """Why this message must never be refused ("retry"/"continuation"), or None."""
+    if headers.get("retries"):
+        return "retry"
+    task = app.current_worker_task
+    if task is None:
+        return None
+    request = task.request
+    task_id = headers.get("id")
+    if task_id is not None and task_id == request.id:
+        return "retry"
+    follow_ups = _signature_ids((request.chain or [])[-1:])
+    follow_ups |= _signature_ids(request.callbacks)
+    follow_ups |= _signature_ids(request.errbacks)
+    if request.chord:
+        follow_ups |= _signature_ids([request.chord])
+    if task_id in follow_ups:
+        return "continuation"
+    return None
+
+
+class Admission:
+    """Applies the pools' caps and policies to publishes (one per Bulkhead)."""
+
+    def __init__(self, app: Celery, pools: Mapping[str, Pool], publish_timeout: float) -> None:
+        self.app = app
+        self.publish_timeout = publish_timeout
+        self.by_queue: dict[str, Pool] = {pool.queue: pool for pool in pools.values()}
+        self.continuation_queues: dict[str, Queue] = {
+            pool.queue: continuation_queue(pool)
+            for pool in pools.values()
+            if pool.max_queue is not None
+        }
+        self._confirming = ConfirmingProducers(app)
+        self._driver: str | None = None
+        self._drops = DropLog()
+        self._groups: threading.local = threading.local()
+
+    # -- broker ----------------------------------------------------------------
+
+    @property
+    def driver(self) -> str:
+        if self._driver is None:
+            self._driver = str(self.app.connection_for_write().transport.driver_type)
+            if self._driver == "redis":
+                redis_cap.install()
+        return self._driver
+
+    # -- group bookkeeping --------------------------------------------------------
+
+    def _group_members(self, group_id: str | None) -> list[str] | None:
+        if group_id is None:
+            return None
+        groups: OrderedDict[str, list[str]] | None = getattr(self._groups, "groups", None)
+        if groups is None:
+            groups = self._groups.groups = OrderedDict()
+        members = groups.get(group_id)
+        if members is None:
+            members = groups[group_id] = []
+            while len(groups) > _GROUPS_TRACKED:
+                groups.popitem(last=False)
+        return members
+
+    # -- the publish path ---------------------------------------------------------
+
+    def send(self, original: Sender, producer: Any, name: str, message: Any, **options: Any) -> Any:
+        queue = options.get("queue")
+        pool = self.by_queue.get(str(getattr(queue, "name", queue)))
+        if pool is None:
+            return original(producer, name, message, **options)
+        if pool.max_queue is None:
+            count_admission(pool.name, "admitted", "uncapped")
+            return original(producer, name, message, **options)
+        headers = message[0]
+        reason = bypass_reason(self.app, headers)
+        if reason is not None:
+            count_admission(pool.name, "admitted", reason)
+            follow_up = self.continuation_queues[pool.queue]
+            options = dict(
+                options, queue=follow_up, routing_key=follow_up.routing_key, declare=[follow_up]
+            )
+            return original(producer, name, message, **options)
+        return self._send_capped(pool, original, producer, name, message, options, headers)
+
+    def _send_capped(
+        self,
+        pool: Pool,
+        original: Sender,
+        producer: Any,
+        name: str,
+        message: Any,
+        options: dict[str, Any],
+        headers: Mapping[str, Any],
+    ) -> Any:
+        assert pool.max_queue is not None
+        group_id = headers.get("group")
+        members = self._group_members(group_id if isinstance(group_id, str) else None)
+        started = time.monotonic()
+        deadline = started + (pool.block_timeout if pool.on_full == "block" else 0.0)
+        pause = _BACKOFF_MIN
+        options = dict(options, retry=False)  # retried here, within publish_timeout
+        attempts = 0
+        while True:
+            attempts += 1
+            depth = self._try_publish(pool, original, producer, name, message, options)
+            if depth is None:
+                count_admission(
+                    pool.name, "admitted", "after_wait" if attempts > 1 else "below_cap"
+                )
+                if members is not None:
+                    members.append(headers["id"])
+                return None
+            now = time.monotonic()
+            if pool.on_full == "block" and now + pause <= deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, _BACKOFF_MAX)
+                continue
+            error = PoolFull(
+                pool.name,
+                depth,
+                pool.max_queue,
+                task_id=headers.get("id"),
+                group_id=headers.get("group"),
+                admitted=tuple(members or ()),
+                waited=now - started if pool.on_full == "block" else 0.0,
+            )
+            # In a chord header a dropped member would stall the chord forever.
+            if pool.on_full == "drop" and not headers.get("chord") and not _in_chord(message):
+                count_admission(pool.name, "dropped", "queue_full")
+                self._drops.dropped(pool.name, depth, pool.max_queue)
+                raise Dropped(error)
+            reason = "block_timeout" if pool.on_full == "block" else "queue_full"
+            count_admission(pool.name, "rejected", reason)
+            raise error
+
+    def _try_publish(
+        self,
+        pool: Pool,
+        original: Sender,
+        producer: Any,
+        name: str,
+        message: Any,
+        options: dict[str, Any],
+    ) -> int | None:
+        """Publish once (retrying broker errors); None when admitted, else the depth."""
+        assert pool.max_queue is not None
+        deadline = time.monotonic() + self.publish_timeout
+        pause = _BACKOFF_MIN
+        while True:
+            try:
+                if self.driver == "redis":
+                    return self._publish_redis(pool, original, producer, name, message, options)
+                return self._publish_amqp(pool, original, name, message, options)
+            except (PoolFull, Dropped):
+                raise
+            except Exception as exc:
+                if not self._is_broker_error(producer, exc):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    count_admission(pool.name, "error", "broker_unavailable")
+                    raise BrokerUnavailable(pool.name, self.publish_timeout, repr(exc)) from exc
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    def _is_broker_error(self, producer: Any, exc: BaseException) -> bool:
+        connection = getattr(producer, "connection", None) or self.app.connection_for_write()
+        errors = (*tuple(connection.connection_errors), OSError, TimeoutError)
+        return isinstance(exc, errors)
+
+    def _publish_redis(
+        self,
+        pool: Pool,
+        original: Sender,
+        producer: Any,
+        name: str,
+        message: Any,
+        options: dict[str, Any],
+    ) -> int | None:
+        assert pool.max_queue is not None
+        push = redis_cap.CappedPush(pool.queue, pool.max_queue)
+        token = redis_cap.CURRENT.set(push)
+        try:
+            original(producer, name, message, **options)
+        except redis_cap.QueueFull as full:
+            return full.depth
+        finally:
+            redis_cap.CURRENT.reset(token)
+        return None
+
+    def _publish_amqp(
+        self,
+        pool: Pool,
+        original: Sender,
+        name: str,
+        message: Any,
+        options: dict[str, Any],
+    ) -> int | None:
+        from amqp.exceptions import MessageNacked, PreconditionFailed
+
+        try:
+            with self._confirming.acquire(self.publish_timeout) as producer:
+                original(producer, name, message, **options)
+        except MessageNacked:
+            return self._confirming.depth(pool.queue, self.publish_timeout)
+        except PreconditionFailed as exc:
+            error = mismatch_error(pool, exc)
+            if error is None:
+                raise
+            raise error from exc
+        return None
+
+
+def _in_chord(message: Any) -> bool:
+    body = message[2]
+    if isinstance(body, tuple) and len(body) == 3 and isinstance(body[2], Mapping):
+        return bool(body[2].get("chord"))
+    return False

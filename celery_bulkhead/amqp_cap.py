@@ -1,0 +1,87 @@
+"""Exact queue caps on RabbitMQ: enforced by the broker, observed through confirms.
+
+A capped pool's queue is declared with ``x-max-length`` and
+``x-overflow: reject-publish``, so RabbitMQ itself refuses a message that
+would exceed the cap, whatever the number of producers.  Capped publishes go
+through a separate connection pool in publisher-confirm mode (the app's own
+publishes keep Celery's defaults), so a refusal arrives as a ``basic.nack``
+and becomes :class:`~celery_bulkhead.PoolFull` instead of a silent drop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .pool import Pool
+
+__all__ = ["ConfirmingProducers", "mismatch_error"]
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for queue '(?P<queue>[^']+)'.*?"
+    r"received '?(?P<received>[^'\s]*)'? but current is '?(?P<current>[^'\s\"]*)'?"
+)
+
+
+class ConfirmingProducers:
+    """Producers on publisher-confirm connections, created lazily and after fork."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._pid: int | None = None
+        self._pool: Any = None
+
+    def _connections(self) -> Any:
+        if self._pid != os.getpid() or self._pool is None:
+            options = dict(self.app.conf.broker_transport_options or {})
+            options["confirm_publish"] = True
+            connection = self.app.connection_for_write(transport_options=options)
+            self._pool = connection.Pool(limit=self.app.conf.broker_pool_limit or 10)
+            self._pid = os.getpid()
+        return self._pool
+
+    @contextmanager
+    def acquire(self, timeout: float) -> Iterator[Any]:
+        """A producer on a confirm-mode connection; a broken connection is replaced."""
+        connection = self._connections().acquire(block=True, timeout=timeout)
+        try:
+            yield self.app.amqp.Producer(connection, auto_declare=False)
+        except BaseException:
+            # After a channel or connection error the default channel is gone
+            # for good (kombu does not reopen it): close, so reuse reconnects.
+            connection.collect()
+            raise
+        finally:
+            connection.release()
+
+    def depth(self, queue: str, timeout: float) -> int:
+        """Ready messages in ``queue`` (a passive declare)."""
+        with self.acquire(timeout) as producer, producer.connection.channel() as channel:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+
+
+def mismatch_error(pool: Pool, exc: BaseException) -> ConfigurationError | None:
+    """A ConfigurationError for RabbitMQ's PRECONDITION_FAILED on a queue's arguments."""
+    text = str(exc)
+    found = _INEQUIVALENT.search(text)
+    if found is None:
+        return None
+    return ConfigurationError(
+        pool.name,
+        "max_queue",
+        pool.max_queue,
+        "queue arguments equal to the existing queue's, or a queue of a new name",
+        detail=(
+            f"queue {found['queue']!r} already exists with {found['arg']}={found['current']}; "
+            f"this app declares {found['arg']}={found['received']}; RabbitMQ cannot change "
+            "arguments of an existing queue: delete it, rename the pool's queue=, or use a policy"
+        ),
+    )
