@@ -44,9 +44,13 @@ if TYPE_CHECKING:
 
     from .pool import Pool
 
-__all__ = ["Admission", "Dropped", "bypass_reason"]
+__all__ = ["PUBLISHED_AT_HEADER", "Admission", "Dropped", "bypass_reason"]
 
 Sender = Callable[..., Any]
+
+#: Header stamped on every pool publish: the publish time (epoch seconds), from
+#: which workers measure queue wait.
+PUBLISHED_AT_HEADER = "bulkhead_published_at"
 _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
 _GROUPS_TRACKED = 64
 
@@ -139,6 +143,7 @@ class Admission:
         pool = self.by_queue.get(str(getattr(queue, "name", queue)))
         if pool is None:
             return original(producer, name, message, **options)
+        message[0][PUBLISHED_AT_HEADER] = time.time()
         if pool.max_queue is None:
             count_admission(pool.name, "admitted", "uncapped")
             return original(producer, name, message, **options)

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 SETTING = "bulkhead_pools"
 TIMEOUT_SETTING = "bulkhead_publish_timeout"
 DEFAULT_PUBLISH_TIMEOUT = 10.0
+METRICS_PORT_SETTING = "bulkhead_metrics_port"
+METRICS_HOST_SETTING = "bulkhead_metrics_host"
 _APP_ATTRIBUTE = "_celery_bulkhead"
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -116,6 +118,14 @@ class Bulkhead:
         timeout = publish_timeout if publish_timeout is not None else timeout
         self.publish_timeout = _seconds(TIMEOUT_SETTING, timeout)
         self.admission = Admission(app, self.assignment.pools, self.publish_timeout)
+        port = app.conf.get(METRICS_PORT_SETTING)
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+        ):
+            raise ConfigurationError(None, METRICS_PORT_SETTING, port, "a TCP port 1-65535 or None")
+        #: First metrics port: pool i (in declaration order) serves on port + i.
+        self.metrics_port: int | None = port
+        self.metrics_host: str = str(app.conf.get(METRICS_HOST_SETTING) or "127.0.0.1")
         self._install()
         setattr(app, _APP_ATTRIBUTE, self)
 
@@ -154,6 +164,23 @@ class Bulkhead:
         from .worker import PoolWorkerStep  # imported late: pulls in the worker side
 
         app.steps["worker"].add(PoolWorkerStep)
+        app.user_options["worker"].add(
+            click.Option(
+                ["--bulkhead-metrics-port"],
+                type=int,
+                default=None,
+                metavar="PORT",
+                help="Serve the pool's Prometheus metrics on this port.",
+            )
+        )
+        app.user_options["worker"].add(
+            click.Option(
+                ["--bulkhead-metrics-host"],
+                default=None,
+                metavar="ADDRESS",
+                help="Address the metrics listen on (default 127.0.0.1).",
+            )
+        )
         app.user_options["worker"].add(
             click.Option(
                 ["--bulkhead-pool"],
@@ -234,6 +261,12 @@ class Bulkhead:
         for name, task in sorted(self.app.tasks.items()):
             if self.assignment.resolve(name, task) is target:
                 yield task
+
+    def metrics_port_of(self, pool: Pool) -> int | None:
+        """The metrics port of ``pool``'s worker: ``bulkhead_metrics_port`` + its index."""
+        if self.metrics_port is None:
+            return None
+        return self.metrics_port + self.pools.index(pool)
 
     def validate_tasks(self) -> None:
         """Check every registered task's pool assignment (finalizes the app).

@@ -6,6 +6,7 @@ wherever ``celery`` is, with the app loaded from ``-A`` as usual.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -19,6 +20,7 @@ from .bulkhead import Bulkhead, installed_on
 from .commands import default_worker_argv, pool_worker_argv, shell_line
 from .errors import ConfigurationError
 from .pool import Pool
+from .status import collect
 from .supervisor import Supervisor, WorkerSpec
 
 __all__ = ["bulkhead"]
@@ -49,6 +51,16 @@ def _selected(bulkhead: Bulkhead, names: Sequence[str]) -> list[Pool]:
         return [bulkhead.pool(name) for name in dict.fromkeys(names)]
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc), param_hint="--pool") from exc
+
+
+def _argv(bulkhead: Bulkhead, pool: Pool, app: str | None, extra: Sequence[str] = ()) -> list[str]:
+    return pool_worker_argv(
+        pool,
+        app,
+        extra,
+        metrics_port=bulkhead.metrics_port_of(pool),
+        metrics_host=bulkhead.metrics_host,
+    )
 
 
 @click.group(name="bulkhead")
@@ -87,7 +99,7 @@ def worker(ctx: click.Context, pools: tuple[str, ...], worker_args: tuple[str, .
     specs = [
         WorkerSpec(
             pool.name,
-            [sys.executable, "-m", "celery", *pool_worker_argv(pool, app, worker_args)],
+            [sys.executable, "-m", "celery", *_argv(bulkhead, pool, app, worker_args)],
             pool.drain_timeout,
             # Only prefork can cancel a running task on cold shutdown.
             signal.SIGQUIT if pool.worker_pool == "prefork" else None,
@@ -116,7 +128,7 @@ def plan(ctx: click.Context, pools: tuple[str, ...], fmt: str) -> None:
     app = _app_spec(ctx)
     selected = _selected(bulkhead, pools)
     lines: list[tuple[str, str, Any]] = [
-        (pool.name, shell_line(pool_worker_argv(pool, app)), pool) for pool in selected
+        (pool.name, shell_line(_argv(bulkhead, pool, app)), pool) for pool in selected
     ]
     if not pools:
         lines.append(("default", shell_line(default_worker_argv(bulkhead.pools, app)), None))
@@ -133,3 +145,37 @@ def plan(ctx: click.Context, pools: tuple[str, ...], fmt: str) -> None:
                 f"then wait that long before SIGKILL)"
             )
         click.echo(line)
+
+
+@bulkhead.command(cls=CeleryCommand)
+@click.option("--pool", "-p", "pools", multiple=True, metavar="NAME", help="Only this pool.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for workers to answer.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def status(ctx: click.Context, pools: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Per pool: queue, depth/cap, consumers, in-flight. Exit 1 if a pool has no consumer."""
+    bulkhead = _bulkhead(ctx)
+    statuses = collect(ctx.obj.app, _selected(bulkhead, pools), timeout)
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
+    else:
+        header = f"{'POOL':<16} {'QUEUE':<32} {'DEPTH/CAP':>12} {'CONSUMERS':>9} {'IN-FLIGHT':>12}"
+        click.echo(header)
+        for s in statuses:
+            depth = "?" if s.depth is None else str(s.depth)
+            cap = "-" if s.cap is None else str(s.cap)
+            inflight = f"{s.inflight}/{s.concurrency * max(1, len(s.consumers))}"
+            click.echo(
+                f"{s.pool:<16} {s.queue:<32} {depth + '/' + cap:>12} {len(s.consumers):>9} "
+                f"{inflight:>12}"
+            )
+    missing = [s.pool for s in statuses if not s.consumers]
+    if missing:
+        click.echo(f"no consumer for pool(s): {', '.join(missing)}", err=True)
+        ctx.exit(1)

@@ -11,7 +11,14 @@ from .routing import consumed_queues
 __all__ = ["default_worker_argv", "pool_worker_argv", "shell_line"]
 
 
-def pool_worker_argv(pool: Pool, app: str | None, extra: Sequence[str] = ()) -> list[str]:
+def pool_worker_argv(
+    pool: Pool,
+    app: str | None,
+    extra: Sequence[str] = (),
+    *,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+) -> list[str]:
     """Arguments after ``celery`` that run one node for ``pool``."""
     argv = ["-A", app] if app else []
     argv += [
@@ -31,6 +38,10 @@ def pool_worker_argv(pool: Pool, app: str | None, extra: Sequence[str] = ()) -> 
         argv += ["--time-limit", _seconds(pool.time_limit)]
     if pool.soft_time_limit is not None:
         argv += ["--soft-time-limit", _seconds(pool.soft_time_limit)]
+    if metrics_port is not None:
+        argv += ["--bulkhead-metrics-port", str(metrics_port)]
+        if metrics_host != "127.0.0.1":
+            argv += ["--bulkhead-metrics-host", metrics_host]
     argv += ["--bulkhead-pool", pool.name, *extra]
     return argv
 

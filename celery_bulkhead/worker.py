@@ -14,6 +14,7 @@ from typing import Any
 from celery import bootsteps
 
 from .bulkhead import installed_on
+from .errors import ConfigurationError
 from .pool import Pool
 
 __all__ = ["PoolWorkerStep"]
@@ -28,18 +29,35 @@ class PoolWorkerStep(bootsteps.StartStopStep):
     # per-task settings made in __init__ are inherited by prefork children.
     label = "bulkhead"
 
-    def __init__(self, parent: Any, bulkhead_pool: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        parent: Any,
+        bulkhead_pool: str | None = None,
+        bulkhead_metrics_port: int | None = None,
+        bulkhead_metrics_host: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(parent, **kwargs)
         self.pool: Pool | None = None
+        self.metrics: Any = None
+        self.metrics_port = bulkhead_metrics_port
+        self.metrics_host = bulkhead_metrics_host or "127.0.0.1"
+        self._server: Any = None
         if not bulkhead_pool:
             return
         bulkhead = installed_on(parent.app)
         pool = bulkhead.pool(bulkhead_pool)
         bulkhead.validate_tasks()
+        from .worker_metrics import PoolMetrics  # worker side only
+
+        self.metrics = PoolMetrics(parent.app, pool)
+        request_class = self.metrics.request_class()
         for task in bulkhead.tasks_in(pool):
-            # Celery reads acks_late from the task object when a request is
-            # accepted; set it on the instance so it holds for this node only.
+            # Celery reads acks_late and the Request class from the task object
+            # when the consumer starts; set them on the instance so they hold
+            # for this node only.
             task.acks_late = pool.acks_late
+            task.Request = request_class
         self.pool = pool
         logger.info(
             "celery-bulkhead: node serves pool %r (queue %r, concurrency %d)",
@@ -47,6 +65,36 @@ class PoolWorkerStep(bootsteps.StartStopStep):
             pool.queue,
             pool.concurrency,
         )
+
+    def start(self, parent: Any) -> None:
+        if self.pool is None or self.metrics_port is None:
+            return
+        from prometheus_client import start_http_server
+
+        try:
+            self._server, _ = start_http_server(
+                self.metrics_port, addr=self.metrics_host, registry=self.metrics.registry
+            )
+        except OSError as exc:
+            raise ConfigurationError(
+                self.pool.name,
+                "bulkhead_metrics_port",
+                self.metrics_port,
+                "a free TCP port",
+                detail=f"cannot listen on {self.metrics_host}: {exc}",
+            ) from exc
+        logger.info(
+            "celery-bulkhead: metrics of pool %r on http://%s:%d/metrics",
+            self.pool.name,
+            self.metrics_host,
+            self.metrics_port,
+        )
+
+    def stop(self, parent: Any) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
     # celery-types declares info() -> None; Celery merges the returned dict into stats.
     def info(self, parent: Any) -> dict[str, Any]:  # type: ignore[override]
@@ -65,5 +113,10 @@ class PoolWorkerStep(bootsteps.StartStopStep):
                 "time_limit": pool.time_limit,
                 "soft_time_limit": pool.soft_time_limit,
                 "drain_timeout": pool.drain_timeout,
+                "metrics": (
+                    f"http://{self.metrics_host}:{self.metrics_port}/metrics"
+                    if self._server is not None
+                    else None
+                ),
             }
         }

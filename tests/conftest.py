@@ -115,13 +115,16 @@ class Env:
     module: str = "tests.app.shop"
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    def start(self, *args: str, bulkhead: bool = True) -> WorkerProcess:
+    def start(
+        self, *args: str, bulkhead: bool = True, extra_env: dict[str, str] | None = None
+    ) -> WorkerProcess:
         """Start ``celery -A <module> bulkhead worker <args>`` (or a plain worker)."""
         env = {
             **os.environ,
             "BULKHEAD_TEST_BROKER": self.url,
             "BULKHEAD_TEST_PREFIX": self.prefix,
             "PYTHONPATH": str(ROOT),
+            **(extra_env or {}),
         }
         command = [sys.executable, "-m", "celery", "-A", self.module]
         if bulkhead:
@@ -231,6 +234,19 @@ def env(
         tmp_path,
         make_app,
         "tests.app.shop",
+    )
+
+
+@pytest.fixture
+def redis_shop(
+    request: pytest.FixtureRequest,
+    session_prefix: str,
+    records_client: redis.Redis,
+    tmp_path: Path,
+) -> Iterator[Env]:
+    """The shop app on Redis only, for Redis-specific behaviour."""
+    yield from _environment(
+        request, "redis", session_prefix, records_client, tmp_path, make_app, "tests.app.shop"
     )
 
 

@@ -31,7 +31,11 @@ def test_plan_prints_one_worker_command_per_pool_and_one_for_the_rest() -> None:
         "celery -A tests.app.shop worker --queues cli.cpu --concurrency 2 --hostname cpu@%h "
         "--pool prefork --prefetch-multiplier 1 --time-limit 300 --soft-time-limit 200 "
         "--bulkhead-pool cpu",
-        "celery -A tests.app.shop worker --exclude-queues cli.fast,cli.slow,cli.cpu",
+        "celery -A tests.app.shop worker --queues cli.metered,cli.metered.continue "
+        "--concurrency 4 --hostname metered@%h --pool prefork --prefetch-multiplier 1 "
+        "--bulkhead-pool metered",
+        "celery -A tests.app.shop worker --exclude-queues "
+        "cli.fast,cli.slow,cli.cpu,cli.metered,cli.metered.continue",
     ]
 
 
@@ -50,7 +54,9 @@ def test_unknown_pool_option_is_a_usage_error_listing_the_pools() -> None:
     for command in ("plan", "worker"):
         result = celery("-A", "tests.app.shop", "bulkhead", command, "--pool", "nope")
         assert result.returncode == 2
-        assert "invalid pool='nope'; allowed: one of 'fast', 'slow', 'cpu'" in result.stderr
+        assert (
+            "invalid pool='nope'; allowed: one of 'fast', 'slow', 'cpu', 'metered'" in result.stderr
+        )
 
 
 def test_worker_refuses_to_start_when_a_worker_only_module_names_an_unknown_pool() -> None:

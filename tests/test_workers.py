@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.conftest import Env, wait_for
+from tests.conftest import ROOT, Env, wait_for
 
 HOST = socket.gethostname()
 
@@ -177,3 +180,38 @@ def test_pool_option_runs_only_the_named_pools(env: Env) -> None:
     warm_up(env, "shop.echo")
     wait_for(lambda: env.ready_messages(f"{env.prefix}.slow") == 1, 10, "the slow task to queue")
     assert not env.records.find("done", "not-served")
+
+
+def test_status_shows_depth_consumers_and_fails_for_a_pool_without_consumers(env: Env) -> None:
+    env.start("--pool", "fast")
+    warm_up(env, "shop.echo")
+    env.app.tasks["shop.reports.daily"].delay("waiting")  # the slow pool has no worker
+    wait_for(lambda: env.ready_messages(f"{env.prefix}.slow") == 1, 10, "the slow task to queue")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.app.shop",
+            "bulkhead",
+            "status",
+            "--pool",
+            "fast",
+            "--pool",
+            "slow",
+            "--json",
+            "--timeout",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "BULKHEAD_TEST_BROKER": env.url, "BULKHEAD_TEST_PREFIX": env.prefix},
+    )
+    assert result.returncode == 1
+    assert "no consumer for pool(s): slow" in result.stderr
+    fast, slow = json.loads(result.stdout)
+    assert fast["consumers"] == [f"fast@{HOST}"] and fast["depth"] == 0
+    assert slow["consumers"] == [] and slow["depth"] == 1

@@ -22,7 +22,7 @@ from celery_bulkhead import Bulkhead, Pool
 RECORDS_URL = "redis://127.0.0.1:6379/9"
 
 
-def make_app(broker_url: str, prefix: str) -> Celery:
+def make_app(broker_url: str, prefix: str, metrics_port: int | None = None) -> Celery:
     app = Celery("shop", broker=broker_url, set_as_current=False)
     app.conf.update(
         task_ignore_result=True,
@@ -38,6 +38,7 @@ def make_app(broker_url: str, prefix: str) -> Celery:
             "unacked_restore_throttle": 1,
         },
         worker_hijack_root_logger=False,
+        bulkhead_metrics_port=metrics_port,
     )
     bulkhead = Bulkhead(
         app,
@@ -64,6 +65,14 @@ def make_app(broker_url: str, prefix: str) -> Celery:
                 worker_pool="prefork",
                 time_limit=300,
                 soft_time_limit=200,
+                drain_timeout=1.5,
+            ),
+            Pool(
+                "metered",
+                concurrency=4,
+                queue=f"{prefix}.metered",
+                worker_pool="prefork",
+                max_queue=1000,
                 drain_timeout=1.5,
             ),
         ],
@@ -122,6 +131,15 @@ def make_app(broker_url: str, prefix: str) -> Celery:
     def where(self: Any, tag: str) -> None:
         record(self, "done", tag=tag, node=socket.gethostname())
 
+    @app.task(bind=True, bulkhead="metered", name="shop.metered", shared=False)
+    def metered(self: Any, tag: str, fail: bool = False, release_key: str | None = None) -> None:
+        if release_key:
+            record(self, "started", tag=tag)
+            records.blpop([release_key], timeout=60)
+        if fail:
+            raise ValueError("asked to fail")
+        record(self, "done", tag=tag)
+
     @app.task(bind=True, name="legacy.cleanup", shared=False)
     def legacy_cleanup(self: Any, tag: str) -> None:
         record(self, "done", tag=tag)
@@ -133,7 +151,9 @@ def make_app(broker_url: str, prefix: str) -> Celery:
     return app
 
 
+_port = os.environ.get("BULKHEAD_TEST_METRICS_PORT")
 app = make_app(
     os.environ.get("BULKHEAD_TEST_BROKER", "redis://127.0.0.1:6379/9"),
     os.environ.get("BULKHEAD_TEST_PREFIX", "bulkhead-test"),
+    int(_port) if _port else None,
 )
