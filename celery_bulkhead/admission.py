@@ -73,10 +73,16 @@ def _signature_ids(signatures: Any) -> set[str]:
     return ids
 
 
-def bypass_reason(app: Celery, headers: Mapping[str, Any]) -> str | None:
-    """Why this message must never be refused ("retry"/"continuation"), or None."""
+def bypass_reason(app: Celery, headers: Mapping[str, Any], in_worker: bool = True) -> str | None:
+    """Why this message must never be refused ("retry"/"continuation"), or None.
+
+    ``in_worker=False`` (a producer process, where no task runs) skips the look
+    at the running task.
+    """
     if headers.get("retries"):
         return "retry"
+    if not in_worker:
+        return None
     task = app.current_worker_task
     if task is None:
         return None
@@ -110,6 +116,9 @@ class Admission:
         self._driver: str | None = None
         self._drops = DropLog()
         self._groups: threading.local = threading.local()
+        #: Set by the worker bootstep: only a worker runs tasks whose retries and
+        #: follow-ups must bypass the cap; producers skip that check.
+        self.in_worker = False
 
     # -- broker ----------------------------------------------------------------
 
@@ -148,7 +157,7 @@ class Admission:
             count_admission(pool.name, "admitted", "uncapped")
             return original(producer, name, message, **options)
         headers = message[0]
-        reason = bypass_reason(self.app, headers)
+        reason = bypass_reason(self.app, headers, self.in_worker)
         if reason is not None:
             count_admission(pool.name, "admitted", reason)
             follow_up = self.continuation_queues[pool.queue]
@@ -171,14 +180,27 @@ class Admission:
         assert pool.max_queue is not None
         group_id = headers.get("group")
         members = self._group_members(group_id if isinstance(group_id, str) else None)
+        options["retry"] = False  # retried here, within publish_timeout
+        first: int | None = None
+        if members is None and self.driver == "redis":
+            # Fast path: one capped push, no bookkeeping, when it fits and works.
+            try:
+                first = self._publish_redis(pool, original, producer, name, message, options)
+            except Exception:
+                first = -1  # go the careful way below, which retries broker errors
+            if first is None:
+                count_admission(pool.name, "admitted", "below_cap")
+                return None
         started = time.monotonic()
         deadline = started + (pool.block_timeout if pool.on_full == "block" else 0.0)
         pause = _BACKOFF_MIN
-        options = dict(options, retry=False)  # retried here, within publish_timeout
         attempts = 0
         while True:
             attempts += 1
-            depth = self._try_publish(pool, original, producer, name, message, options)
+            if attempts == 1 and first is not None and first >= 0:
+                depth: int | None = first  # the fast path's answer: full
+            else:
+                depth = self._try_publish(pool, original, producer, name, message, options)
             if depth is None:
                 count_admission(
                     pool.name, "admitted", "after_wait" if attempts > 1 else "below_cap"

@@ -35,10 +35,17 @@ def _counter() -> Any:
     return _admissions
 
 
+_children: dict[tuple[str, str, str], Any] = {}
+
+
 def count_admission(pool: str, decision: str, reason: str) -> None:
     """``celery_bulkhead_admissions_total{pool,decision,reason}`` += 1."""
     try:
-        _counter().labels(pool=pool, decision=decision, reason=reason).inc()
+        key = (pool, decision, reason)
+        child = _children.get(key)
+        if child is None:  # pools x decisions x reasons: a small, fixed set
+            child = _children[key] = _counter().labels(pool=pool, decision=decision, reason=reason)
+        child.inc()
     except Exception:  # a metric must never break a publish
         logger.exception("celery-bulkhead: could not count an admission")
 

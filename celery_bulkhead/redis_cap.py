@@ -13,6 +13,7 @@ check rides in the same round trip as the push.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -20,11 +21,22 @@ from importlib import resources
 from typing import Any
 
 from kombu.utils.json import dumps
+from redis.exceptions import NoScriptError
 
 __all__ = ["CappedPush", "QueueFull", "install", "queue_depth"]
 
-_SCRIPT = resources.files(__package__).joinpath("lua/capped_push.lua").read_text()
-_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+_TEMPLATE = resources.files(__package__).joinpath("lua/capped_push.lua").read_text()
+
+
+def _lua_string(value: str) -> str:
+    return '"' + "".join(f"\\{byte}" for byte in value.encode()) + '"'
+
+
+@functools.lru_cache(maxsize=16)
+def _script(suffixes: tuple[str, ...]) -> tuple[str, str]:
+    """The script text for one set of priority suffixes, and its SHA1."""
+    text = _TEMPLATE.replace("{{SUFFIXES}}", "{" + ", ".join(map(_lua_string, suffixes)) + "}")
+    return text, hashlib.sha1(text.encode()).hexdigest()
 
 
 class QueueFull(Exception):
@@ -47,50 +59,40 @@ class CappedPush:
 CURRENT: ContextVar[CappedPush | None] = ContextVar("celery_bulkhead_capped_push", default=None)
 
 
-def _keys(channel: Any, queue: str) -> list[str]:
-    keys: list[str] = []
-    for step in channel.priority_steps:
-        key = channel._q_for_pri(queue, step)
-        if key not in keys:
-            keys.append(key)
-    return keys
-
-
-def _script_keys(channel: Any, client: Any, keys: list[str]) -> list[str]:
-    prefix = getattr(channel, "global_keyprefix", "") or ""
-    if not prefix:
-        return keys
-    full = [prefix + key for key in keys]
-    if getattr(client, "global_keyprefix", None):
-        # kombu's prefixed client adds the prefix to the first key of an
-        # EVALSHA itself (PrefixedStrictRedis.PREFIXED_COMPLEX_COMMANDS).
-        full[0] = keys[0]
-    return full
-
-
-def _evalsha(client: Any, keys: list[str], args: list[Any]) -> Any:
-    from redis.exceptions import NoScriptError
-
-    try:
-        return client.evalsha(_SHA, len(keys), *keys, *args)
-    except NoScriptError:
-        client.script_load(_SCRIPT)
-        return client.evalsha(_SHA, len(keys), *keys, *args)
+@functools.lru_cache(maxsize=1024)
+def _layout(
+    queue: str, sep: str, steps: tuple[int, ...], prefix: str, prefixed_client: bool
+) -> tuple[str, dict[int, str], tuple[str, ...]]:
+    """Base key (as passed to EVALSHA), suffix per priority step, and all suffixes."""
+    suffix_of = {step: (f"{sep}{step}" if step else "") for step in steps}
+    suffixes = tuple(dict.fromkeys(s for s in suffix_of.values() if s))
+    # kombu's prefixed client adds the prefix to the first key of an EVALSHA
+    # itself (PrefixedStrictRedis.PREFIXED_COMPLEX_COMMANDS).
+    base = queue if (prefixed_client or not prefix) else prefix + queue
+    return base, suffix_of, suffixes
 
 
 def _capped_put(channel: Any, queue: str, message: Any, push: CappedPush) -> None:
-    priority = channel._get_message_priority(message, reverse=False)
-    target = channel._q_for_pri(queue, priority)
-    keys = _keys(channel, queue)
+    priority = channel.priority(channel._get_message_priority(message, reverse=False))
     with channel.conn_or_acquire() as client:
-        pushed, depth = _evalsha(
-            client,
-            _script_keys(channel, client, keys),
-            [push.cap, keys.index(target) + 1, dumps(message)],
+        base, suffix_of, suffixes = _layout(
+            queue,
+            channel.sep,
+            tuple(channel.priority_steps),
+            getattr(channel, "global_keyprefix", "") or "",
+            bool(getattr(client, "global_keyprefix", None)),
         )
-    push.depth = int(depth)
-    if not int(pushed):
-        raise QueueFull(int(depth))
+        text, sha = _script(suffixes)
+        args = (sha, 1, base, push.cap, suffix_of[priority], dumps(message))
+        try:
+            result = int(client.evalsha(*args))
+        except NoScriptError:
+            client.script_load(text)
+            result = int(client.evalsha(*args))
+    if result < 0:
+        push.depth = -result
+        raise QueueFull(-result)
+    push.depth = result
 
 
 def install() -> None:

@@ -43,6 +43,8 @@ class PoolWorkerStep(bootsteps.StartStopStep):
         self.metrics_port = bulkhead_metrics_port
         self.metrics_host = bulkhead_metrics_host or "127.0.0.1"
         self._server: Any = None
+        # Any worker of the app may publish retries and chain steps of pool tasks.
+        installed_on(parent.app).admission.in_worker = True
         if not bulkhead_pool:
             return
         bulkhead = installed_on(parent.app)

@@ -3,19 +3,25 @@
 -- The check and the push are one atomic step, so any number of concurrent
 -- producers never leave more than the cap of ready messages.
 --
--- KEYS[1..n]  every priority sub-list of the queue (kombu stores priority p in
---             "<queue><sep><step>", step 0 in "<queue>"), with the key prefix applied
--- ARGV[1]     the cap: ready messages allowed in the queue (all sub-lists together)
--- ARGV[2]     the index in KEYS of the sub-list that receives the message
--- ARGV[3]     the serialized message, exactly as kombu would LPUSH it
+-- KEYS[1]  the queue's base list (priority step 0), key prefix applied
+-- ARGV[1]  the cap: ready messages allowed in the queue (all sub-lists together)
+-- ARGV[2]  the suffix of the sub-list that receives the message ("" for the base list)
+-- ARGV[3]  the serialized message, exactly as kombu would LPUSH it
 --
--- Returns {1, depth after the push} when pushed, {0, depth} when full.
-local depth = 0
-for i = 1, #KEYS do
-  depth = depth + redis.call('LLEN', KEYS[i])
+-- {{SUFFIXES}} is replaced, when the script is loaded, by the Lua list of kombu's
+-- priority sub-list suffixes ("<sep><step>" for every step above 0) of the
+-- transport's configuration: the sub-lists are derived from KEYS[1], which keeps
+-- the call to one key to encode (kombu's Redis transport does not run on Redis
+-- Cluster, where every key would have to be declared).
+--
+-- Returns the depth after the push (> 0) when pushed, -depth when full.
+local base = KEYS[1]
+local depth = redis.call('LLEN', base)
+for _, suffix in ipairs({{SUFFIXES}}) do
+  depth = depth + redis.call('LLEN', base .. suffix)
 end
 if depth >= tonumber(ARGV[1]) then
-  return {0, depth}
+  return -depth
 end
-redis.call('LPUSH', KEYS[tonumber(ARGV[2])], ARGV[3])
-return {1, depth + 1}
+redis.call('LPUSH', base .. ARGV[2], ARGV[3])
+return depth + 1
