@@ -30,11 +30,12 @@ import os
 import platform
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = [
     "celery_settings",
     "environment",
     "fmt_ms",
+    "free_port",
     "percentile",
     "print_table",
     "wait_for",
@@ -169,6 +171,13 @@ def wait_for(
             tails = "".join(f"\n--- {w.label} ---\n{w.log_tail()}" for w in workers)
             raise BenchError(f"timed out after {timeout:g} s waiting for {what}{tails}")
         time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the kernel's pick; racy, but fine here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -325,14 +334,18 @@ class Run:
         """A name prefix for one part of the run (``<run prefix>.<label>``)."""
         return f"{self.prefix}.{label}"
 
-    def env(self, prefix: str) -> dict[str, str]:
-        """Environment for a worker: broker URL, name prefix, bench/ importable."""
+    def env(self, prefix: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Environment for a worker: broker URL, name prefix, bench/ importable.
+
+        ``extra`` adds (or overrides) variables, e.g. settings a bench app reads.
+        """
         env = dict(os.environ)
         path = [str(BENCH_DIR), str(REPO_ROOT), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         env[ENV_BROKER] = self.broker_url
         env[ENV_PREFIX] = prefix
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra or {})
         return env
 
     def track_app(self, app: Any) -> None:
@@ -344,15 +357,25 @@ class Run:
 
     # -- workers ---------------------------------------------------------------
 
-    def start_worker(self, label: str, celery_args: Sequence[str], *, prefix: str) -> Worker:
-        """Start ``python -m celery <celery_args>`` in its own session."""
+    def start_worker(
+        self,
+        label: str,
+        celery_args: Sequence[str],
+        *,
+        prefix: str,
+        env: Mapping[str, str] | None = None,
+    ) -> Worker:
+        """Start ``python -m celery <celery_args>`` in its own session.
+
+        ``env``: extra environment variables for the worker (see :meth:`env`).
+        """
         argv = [sys.executable, "-m", "celery", *celery_args]
         log_path = self.log_dir / f"{label}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 argv,
                 cwd=REPO_ROOT,
-                env=self.env(prefix),
+                env=self.env(prefix, env),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
