@@ -32,10 +32,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from kombu.exceptions import OperationalError
+
 from . import redis_cap
 from .amqp_cap import ConfirmingProducers, mismatch_error
-from .errors import BrokerUnavailable, PoolFull
+from .errors import BrokerUnavailable, ConfigurationError, PoolFull
+from .followups import bypass_reason, freeze_follow_ups
 from .metrics import DropLog, count_admission
+from .results import fail_canvas_results
 from .routing import continuation_queue
 
 if TYPE_CHECKING:
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 
     from .pool import Pool
 
-__all__ = ["PUBLISHED_AT_HEADER", "Admission", "Dropped", "bypass_reason"]
+__all__ = ["PUBLISHED_AT_HEADER", "Admission", "Dropped"]
 
 Sender = Callable[..., Any]
 
@@ -52,6 +56,8 @@ Sender = Callable[..., Any]
 #: which workers measure queue wait.
 PUBLISHED_AT_HEADER = "bulkhead_published_at"
 _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
+#: kombu transports (``driver_type``) on which a cap is exact.
+_CAPPED_TRANSPORTS = frozenset({"redis", "amqp"})
 _GROUPS_TRACKED = 64
 
 
@@ -61,43 +67,6 @@ class Dropped(Exception):
     def __init__(self, error: PoolFull) -> None:
         self.error = error
         super().__init__(str(error))
-
-
-def _signature_ids(signatures: Any) -> set[str]:
-    ids: set[str] = set()
-    for sig in signatures or ():
-        if isinstance(sig, Mapping):
-            task_id = (sig.get("options") or {}).get("task_id")
-            if task_id:
-                ids.add(task_id)
-    return ids
-
-
-def bypass_reason(app: Celery, headers: Mapping[str, Any], in_worker: bool = True) -> str | None:
-    """Why this message must never be refused ("retry"/"continuation"), or None.
-
-    ``in_worker=False`` (a producer process, where no task runs) skips the look
-    at the running task.
-    """
-    if headers.get("retries"):
-        return "retry"
-    if not in_worker:
-        return None
-    task = app.current_worker_task
-    if task is None:
-        return None
-    request = task.request
-    task_id = headers.get("id")
-    if task_id is not None and task_id == request.id:
-        return "retry"
-    follow_ups = _signature_ids((request.chain or [])[-1:])
-    follow_ups |= _signature_ids(request.callbacks)
-    follow_ups |= _signature_ids(request.errbacks)
-    if request.chord:
-        follow_ups |= _signature_ids([request.chord])
-    if task_id in follow_ups:
-        return "continuation"
-    return None
 
 
 class Admission:
@@ -112,7 +81,7 @@ class Admission:
             for pool in pools.values()
             if pool.max_queue is not None
         }
-        self._confirming = ConfirmingProducers(app)
+        self._confirming = ConfirmingProducers(app, connect_timeout=publish_timeout)
         self._driver: str | None = None
         self._drops = DropLog()
         self._groups: threading.local = threading.local()
@@ -129,6 +98,35 @@ class Admission:
             if self._driver == "redis":
                 redis_cap.install()
         return self._driver
+
+    def _check_transport(self, pool: Pool) -> None:
+        if self.driver not in _CAPPED_TRANSPORTS:
+            raise ConfigurationError(
+                pool.name,
+                "max_queue",
+                pool.max_queue,
+                "None on this broker (caps are enforced on Redis and RabbitMQ)",
+                detail=f"the {self.driver!r} transport cannot cap a queue exactly; "
+                "refusing to publish rather than ignore the cap",
+            )
+
+    def _connect(self, connection: Any, deadline: float) -> None:
+        """(Re)connect within ``deadline``, not within kombu's own retry schedule.
+
+        kombu reconnects lazily on the first use of a channel, retrying for
+        ``broker_connection_timeout`` with pauses of 2 s and more: about 12 s
+        for a broker that refuses connections, whatever ``publish_timeout``
+        says.  Connecting here first keeps a publish within its bound.
+        """
+        if connection is None or connection.connected:
+            return
+        connection.ensure_connection(
+            max_retries=None,
+            timeout=max(deadline - time.monotonic(), 0.001),
+            interval_start=_BACKOFF_MIN,
+            interval_step=_BACKOFF_MIN,
+            interval_max=_BACKOFF_MAX,
+        )
 
     # -- group bookkeeping --------------------------------------------------------
 
@@ -148,6 +146,8 @@ class Admission:
     # -- the publish path ---------------------------------------------------------
 
     def send(self, original: Sender, producer: Any, name: str, message: Any, **options: Any) -> Any:
+        # Any publish may carry callbacks that a pool's cap must later let through.
+        freeze_follow_ups(message)
         queue = options.get("queue")
         pool = self.by_queue.get(str(getattr(queue, "name", queue)))
         if pool is None:
@@ -178,11 +178,12 @@ class Admission:
         headers: Mapping[str, Any],
     ) -> Any:
         assert pool.max_queue is not None
+        self._check_transport(pool)
         group_id = headers.get("group")
         members = self._group_members(group_id if isinstance(group_id, str) else None)
         options["retry"] = False  # retried here, within publish_timeout
         first: int | None = None
-        if members is None and self.driver == "redis":
+        if members is None and self.driver == "redis" and producer.connection.connected:
             # Fast path: one capped push, no bookkeeping, when it fits and works.
             try:
                 first = self._publish_redis(pool, original, producer, name, message, options)
@@ -226,6 +227,7 @@ class Admission:
             if pool.on_full == "drop" and not headers.get("chord") and not _in_chord(message):
                 count_admission(pool.name, "dropped", "queue_full")
                 self._drops.dropped(pool.name, depth, pool.max_queue)
+                fail_canvas_results(self.app, headers, message, error)
                 raise Dropped(error)
             reason = "block_timeout" if pool.on_full == "block" else "queue_full"
             count_admission(pool.name, "rejected", reason)
@@ -247,8 +249,9 @@ class Admission:
         while True:
             try:
                 if self.driver == "redis":
+                    self._connect(producer.connection, deadline)
                     return self._publish_redis(pool, original, producer, name, message, options)
-                return self._publish_amqp(pool, original, name, message, options)
+                return self._publish_amqp(pool, original, name, message, options, deadline)
             except (PoolFull, Dropped):
                 raise
             except Exception as exc:
@@ -262,7 +265,7 @@ class Admission:
 
     def _is_broker_error(self, producer: Any, exc: BaseException) -> bool:
         connection = getattr(producer, "connection", None) or self.app.connection_for_write()
-        errors = (*tuple(connection.connection_errors), OSError, TimeoutError)
+        errors = (*tuple(connection.connection_errors), OSError, TimeoutError, OperationalError)
         return isinstance(exc, errors)
 
     def _publish_redis(
@@ -292,14 +295,18 @@ class Admission:
         name: str,
         message: Any,
         options: dict[str, Any],
+        deadline: float,
     ) -> int | None:
         from amqp.exceptions import MessageNacked, PreconditionFailed
 
         try:
-            with self._confirming.acquire(self.publish_timeout) as producer:
+            with self._confirming.acquire(deadline, self._connect) as producer:
+                # A broker that accepts the publish but never confirms it
+                # (frozen) must not hold the publisher beyond the deadline.
+                options["confirm_timeout"] = max(deadline - time.monotonic(), 0.001)
                 original(producer, name, message, **options)
         except MessageNacked:
-            return self._confirming.depth(pool.queue, self.publish_timeout)
+            return self._confirming.depth(pool.queue, deadline, self._connect)
         except PreconditionFailed as exc:
             error = mismatch_error(pool, exc)
             if error is None:

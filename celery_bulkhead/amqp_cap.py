@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -25,17 +26,26 @@ if TYPE_CHECKING:
 
 __all__ = ["ConfirmingProducers", "mismatch_error"]
 
+#: ``connect(connection, deadline)``: makes sure a kombu connection is up by then.
+Connect = Callable[[Any, float], None]
+
+# RabbitMQ's PRECONDITION_FAILED texts, e.g. "inequivalent arg 'x-max-length' for
+# queue 'q' in vhost '/': received the value '2' of type 'signedint' but current
+# is the value '50' of type 'signedint'", or "... but current is none" when the
+# existing queue has no such argument.
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for queue '(?P<queue>[^']+)'.*?"
-    r"received '?(?P<received>[^'\s]*)'? but current is '?(?P<current>[^'\s\"]*)'?"
+    r"received (?:the value )?'?(?P<received>[^'\s]*)'?.*?"
+    r"but current is (?:the value )?(?:'(?P<current>[^']*)'|(?P<none>none))"
 )
 
 
 class ConfirmingProducers:
     """Producers on publisher-confirm connections, created lazily and after fork."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, connect_timeout: float) -> None:
         self.app = app
+        self.connect_timeout = connect_timeout
         self._pid: int | None = None
         self._pool: Any = None
 
@@ -43,16 +53,25 @@ class ConfirmingProducers:
         if self._pid != os.getpid() or self._pool is None:
             options = dict(self.app.conf.broker_transport_options or {})
             options["confirm_publish"] = True
-            connection = self.app.connection_for_write(transport_options=options)
+            # Each connection attempt (TCP and AMQP handshake) within the publish timeout.
+            connection = self.app.connection_for_write(
+                transport_options=options, connect_timeout=self.connect_timeout
+            )
             self._pool = connection.Pool(limit=self.app.conf.broker_pool_limit or 10)
             self._pid = os.getpid()
         return self._pool
 
     @contextmanager
-    def acquire(self, timeout: float) -> Iterator[Any]:
-        """A producer on a confirm-mode connection; a broken connection is replaced."""
+    def acquire(self, deadline: float, connect: Connect) -> Iterator[Any]:
+        """A producer on a connected confirm-mode connection, by ``deadline`` (monotonic).
+
+        ``connect(connection, deadline)`` (re)connects within the deadline; a
+        broken connection is closed on the way out, so the next use reconnects.
+        """
+        timeout = max(deadline - time.monotonic(), 0.001)
         connection = self._connections().acquire(block=True, timeout=timeout)
         try:
+            connect(connection, deadline)
             yield self.app.amqp.Producer(connection, auto_declare=False)
         except BaseException:
             # After a channel or connection error the default channel is gone
@@ -62,9 +81,9 @@ class ConfirmingProducers:
         finally:
             connection.release()
 
-    def depth(self, queue: str, timeout: float) -> int:
+    def depth(self, queue: str, deadline: float, connect: Connect) -> int:
         """Ready messages in ``queue`` (a passive declare)."""
-        with self.acquire(timeout) as producer, producer.connection.channel() as channel:
+        with self.acquire(deadline, connect) as producer, producer.connection.channel() as channel:
             return int(channel.queue_declare(queue=queue, passive=True).message_count)
 
 
@@ -74,13 +93,14 @@ def mismatch_error(pool: Pool, exc: BaseException) -> ConfigurationError | None:
     found = _INEQUIVALENT.search(text)
     if found is None:
         return None
+    current = "(not set)" if found["none"] else found["current"]
     return ConfigurationError(
         pool.name,
         "max_queue",
         pool.max_queue,
         "queue arguments equal to the existing queue's, or a queue of a new name",
         detail=(
-            f"queue {found['queue']!r} already exists with {found['arg']}={found['current']}; "
+            f"queue {found['queue']!r} already exists with {found['arg']}={current}; "
             f"this app declares {found['arg']}={found['received']}; RabbitMQ cannot change "
             "arguments of an existing queue: delete it, rename the pool's queue=, or use a policy"
         ),

@@ -80,7 +80,11 @@ class Rejected(BulkheadError):
 
     def __init__(self, pool: str, message: str) -> None:
         self.pool = pool
+        self.message = message
         super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class PoolFull(Rejected):
@@ -124,3 +128,6 @@ class PoolFull(Rejected):
                 f"{len(admitted)} earlier member(s) already published: {list(admitted)}"
             )
         super().__init__(pool, message)
+        # What Celery's result backends keep of an exception is its args: with
+        # these, a PoolFull stored as a task's failure comes back as a PoolFull.
+        self.args = (pool, depth, cap)

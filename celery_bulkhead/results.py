@@ -1,14 +1,27 @@
-"""The result of a publish that was dropped because the pool was full."""
+"""What a dropped publish leaves behind: a result that says so.
+
+A plain ``delay()``/``apply_async()`` returns a :class:`DroppedResult`.  A
+canvas (group, chain) has handed out its results before it publishes, so a
+dropped member's or step's own result cannot be swapped: the drop is written
+to the result backend instead, as that task's ``FAILURE`` with the
+:class:`PoolFull` error, so that waiting on it raises at once.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any, Literal
 
+from celery import states
+from celery.backends.base import DisabledBackend
 from celery.result import AsyncResult
 
 from .errors import PoolFull
 
-__all__ = ["DroppedResult"]
+__all__ = ["DroppedResult", "fail_canvas_results"]
+
+logger = logging.getLogger("celery_bulkhead.admission")
 
 
 class DroppedResult(AsyncResult):  # type: ignore[type-arg]
@@ -49,3 +62,39 @@ class DroppedResult(AsyncResult):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         return f"<DroppedResult: {self.id} pool={self.error.pool!r}>"
+
+
+def _canvas_ids(headers: Mapping[str, Any], message: Any) -> list[str]:
+    """Ids of results a canvas already handed out for a dropped message."""
+    body = message[2]
+    embed = body[2] if isinstance(body, tuple) and len(body) == 3 else None
+    steps = (embed or {}).get("chain") if isinstance(embed, Mapping) else None
+    if not steps and not headers.get("group"):
+        return []  # a plain publish: its DroppedResult says it all
+    ids = [headers["id"]]
+    for step in steps or ():  # the rest of a chain never runs either
+        task_id = (step.get("options") or {}).get("task_id") if isinstance(step, Mapping) else None
+        if task_id:
+            ids.append(task_id)
+    return ids
+
+
+def fail_canvas_results(
+    app: Any, headers: Mapping[str, Any], message: Any, error: PoolFull
+) -> None:
+    """Store ``error`` as the FAILURE of the results a canvas handed out for a dropped task.
+
+    Does nothing for a plain publish, without a result backend, or when the
+    backend cannot be reached (logged: a drop must not turn into an error).
+    """
+    ids = _canvas_ids(headers, message)
+    if not ids:
+        return
+    try:
+        backend = app.backend
+        if isinstance(backend, DisabledBackend):
+            return
+        for task_id in ids:
+            backend.store_result(task_id, error, states.FAILURE)
+    except Exception:
+        logger.exception("celery-bulkhead: could not record the drop of %s in the backend", ids)

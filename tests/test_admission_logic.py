@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_bulkhead import DroppedResult, PoolFull
-from celery_bulkhead.admission import bypass_reason
+from celery_bulkhead import DroppedResult, Pool, PoolFull
+from celery_bulkhead.amqp_cap import mismatch_error
+from celery_bulkhead.followups import bypass_reason, freeze_follow_ups, signature_ids
 from celery_bulkhead.metrics import DropLog
 
 
@@ -89,3 +90,119 @@ def test_dropped_result_never_asks_the_backend() -> None:
         result.get()
     assert info.value is error
     assert repr(result) == "<DroppedResult: abc pool='webhooks'>"
+
+
+def test_members_of_a_group_that_is_the_next_chain_step_bypass_the_cap() -> None:
+    next_step = {
+        "task": "celery.group",
+        "options": {},
+        "kwargs": {"tasks": [sig("member-1"), sig("member-2")]},
+    }
+    app = FakeApp(request(chain=[sig("after-the-group"), next_step]))
+    for member in ("member-1", "member-2"):
+        assert bypass_reason(app, {"id": member}) == "continuation"  # type: ignore[arg-type]
+    assert bypass_reason(app, {"id": "after-the-group"}) is None  # type: ignore[arg-type]
+
+
+def test_tasks_nested_in_callback_chains_and_chords_are_follow_ups() -> None:
+    chord_sig = {
+        "task": "celery.chord",
+        "kwargs": {
+            "header": {"task": "celery.group", "kwargs": {"tasks": [sig("h1"), sig("h2")]}},
+            "body": sig("body"),
+        },
+    }
+    chain_sig = {"task": "celery.chain", "kwargs": {"tasks": [sig("c1"), sig("c2")]}}
+    assert signature_ids([chord_sig, chain_sig, "not a signature"]) == {
+        "h1",
+        "h2",
+        "body",
+        "c1",
+        "c2",
+    }
+
+
+def test_everything_chord_unlock_publishes_is_the_chords_body() -> None:
+    app = FakeApp(request(task="celery.chord_unlock"))
+    assert bypass_reason(app, {"id": "body-published-late"}) == "continuation"  # type: ignore[arg-type]
+
+
+def _message(embed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Any, None]:
+    return ({"id": "parent"}, {}, ((), {}, embed), None)
+
+
+def test_link_callbacks_and_errbacks_get_ids_without_touching_the_callers_signatures() -> None:
+    app = Celery("freeze", broker="memory://", set_as_current=False)
+    callback = app.signature("cb", args=(1,))
+    group_callback = app.signature("celery.group", kwargs={"tasks": [app.signature("member")]})
+    errback = app.signature("eb", options={"task_id": "already-set"})
+    message = _message({"callbacks": [callback, group_callback], "errbacks": [errback]})
+    freeze_follow_ups(message)
+    embed = message[2][2]
+    (frozen_cb, frozen_group) = embed["callbacks"]
+    assert frozen_cb["options"]["task_id"] and frozen_cb["args"] == (1,)
+    assert "task_id" not in frozen_group["options"]  # a group's own id is its group id
+    assert frozen_group["kwargs"]["tasks"][0]["options"]["task_id"]
+    assert embed["errbacks"][0]["options"]["task_id"] == "already-set"
+    # The caller's signatures are unchanged: reused, they get new ids next time.
+    assert "task_id" not in callback.options
+    assert "task_id" not in group_callback["kwargs"]["tasks"][0]["options"]
+    again = _message({"callbacks": [callback]})
+    freeze_follow_ups(again)
+    assert again[2][2]["callbacks"][0]["options"]["task_id"] != frozen_cb["options"]["task_id"]
+    # Recognised in the worker that later publishes them.
+    running = FakeApp(request(callbacks=embed["callbacks"], errbacks=embed["errbacks"]))
+    for follow_up in signature_ids(embed["callbacks"]) | {"already-set"}:
+        assert bypass_reason(running, {"id": follow_up}) == "continuation"  # type: ignore[arg-type]
+
+
+def test_a_message_without_follow_ups_is_left_alone() -> None:
+    embed: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None}
+    message = _message(embed)
+    freeze_follow_ups(message)
+    assert message[2][2] == {"callbacks": None, "errbacks": None, "chain": None}
+    legacy = ({"id": "x"}, {}, {"task": "protocol 1 body"}, None)
+    freeze_follow_ups(legacy)  # not protocol 2: nothing to do, no error
+    assert legacy[2] == {"task": "protocol 1 body"}
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_pool_full_stored_as_a_task_failure_comes_back_as_pool_full(serializer: str) -> None:
+    """A PoolFull raised in a task (or stored for a drop) survives the result backend."""
+    app = Celery("roundtrip", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.result_serializer = serializer
+    app.conf.result_accept_content = [serializer]
+    error = PoolFull("webhooks", 7, 7, task_id="t1", group_id="g1", admitted=("a",))
+    stored = app.backend.prepare_exception(error)
+    back = app.backend.exception_to_python(app.backend.decode(app.backend.encode(stored)))
+    assert isinstance(back, PoolFull)
+    assert (back.pool, back.depth, back.cap) == ("webhooks", 7, 7)
+    assert str(back).startswith("pool 'webhooks' is full: 7 ready messages, cap 7")
+
+
+@pytest.mark.parametrize(
+    ("text", "current"),
+    [
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q.small' in "
+            "vhost '/': received the value '2' of type 'signedint' but current is the value "
+            "'50' of type 'signedint'",
+            "50",
+        ),
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q.small' in "
+            "vhost '/': received the value '2' of type 'signedint' but current is none",
+            "(not set)",
+        ),
+    ],
+)
+def test_rabbitmq_argument_mismatch_names_queue_argument_and_both_values(
+    text: str, current: str
+) -> None:
+    pool = Pool("small", max_queue=2, queue="q.small")
+    error = mismatch_error(pool, Exception(text))
+    assert error is not None and (error.pool, error.setting) == ("small", "max_queue")
+    assert (
+        f"queue 'q.small' already exists with x-max-length={current}; "
+        "this app declares x-max-length=2" in str(error)
+    )

@@ -19,6 +19,10 @@ def make_capped_app(broker_url: str, prefix: str, **conf: Any) -> Celery:
     app = Celery("capped", broker=broker_url, set_as_current=False)
     app.conf.update(
         task_ignore_result=True,
+        # Results (chords, dropped canvas members) in the records database, under the prefix.
+        result_backend=RECORDS_URL,
+        result_backend_transport_options={"global_keyprefix": f"{prefix}:"},
+        result_expires=600,
         task_default_queue=f"{prefix}.default",
         broker_connection_retry_on_startup=True,
         broker_transport_options={
@@ -35,6 +39,7 @@ def make_capped_app(broker_url: str, prefix: str, **conf: Any) -> Celery:
         app,
         pools=[
             Pool("capped", max_queue=100, queue=f"{prefix}.capped"),
+            Pool("open", queue=f"{prefix}.open"),  # no cap
             Pool("small", max_queue=2, queue=f"{prefix}.small", tasks=["capped.small.*"]),
             Pool("dropper", max_queue=3, on_full="drop", queue=f"{prefix}.dropper"),
             Pool(
@@ -71,10 +76,13 @@ def make_capped_app(broker_url: str, prefix: str, **conf: Any) -> Celery:
     @app.task(bulkhead="capped", name="capped.noop", shared=False)
     def noop(i: int = 0) -> None: ...
 
+    @app.task(bulkhead="open", name="capped.plain", shared=False)
+    def plain(i: int = 0) -> None: ...
+
     @app.task(name="capped.small.noop", shared=False)
     def small_noop(i: int = 0) -> None: ...
 
-    @app.task(bulkhead="dropper", name="capped.drop_me", shared=False)
+    @app.task(bulkhead="dropper", name="capped.drop_me", shared=False, ignore_result=False)
     def drop_me(i: int = 0) -> None: ...
 
     @app.task(bulkhead="blocker", name="capped.block_me", shared=False)
@@ -89,7 +97,7 @@ def make_capped_app(broker_url: str, prefix: str, **conf: Any) -> Celery:
             raise self.retry(countdown=0)
         record(self, "done", tag=tag)
 
-    @bulkhead.task(pool="retrier", bind=True, name="capped.step", shared=False)
+    @bulkhead.task(pool="retrier", bind=True, name="capped.step", shared=False, ignore_result=False)
     def step(self: Any, previous: Any, tag: str, release_key: str | None = None) -> str:
         record(self, "started", tag=tag, previous=previous)
         if release_key:
@@ -100,6 +108,13 @@ def make_capped_app(broker_url: str, prefix: str, **conf: Any) -> Celery:
     @bulkhead.task(pool="retrier", bind=True, name="capped.fill", shared=False)
     def fill(self: Any, tag: str) -> None:
         record(self, "done", tag=tag)
+
+    @bulkhead.task(pool="retrier", bind=True, name="capped.fail_after", shared=False)
+    def fail_after(self: Any, tag: str, release_key: str) -> None:
+        """Waits for the test, then fails: its errback must never be refused."""
+        record(self, "started", tag=tag)
+        records.blpop([release_key], timeout=60)
+        raise ValueError(f"{tag} failed on purpose")
 
     return app
 
