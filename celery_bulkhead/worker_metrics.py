@@ -17,14 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Reject, Retry, TimeLimitExceeded
 from celery.worker.request import Request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .admission import PUBLISHED_AT_HEADER
 
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 _DEPTH_CACHE_SECONDS = 1.0
+_OUTCOMES = ("succeeded", "failed", "retried")
 
 
 class _QueueDepth(Collector):
@@ -88,6 +91,67 @@ class _QueueDepth(Collector):
         yield family
 
 
+class _Histogram:
+    """Bucket counts and a sum, as plain numbers (the caller holds the lock)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, documentation: str, pool: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, count in zip(
+            (*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True
+        ):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family = HistogramMetricFamily(name, documentation, labels=["pool"])
+        family.add_metric([pool], buckets, self.sum)
+        return family
+
+
+class _TaskStats(Collector):
+    """In-flight, outcomes, run time and queue wait of one pool's tasks on this node.
+
+    Updated from the request callbacks in the worker's main process: plain
+    numbers under one lock (a task costs two short critical sections), turned
+    into Prometheus families only when scraped.
+    """
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        self.lock = threading.Lock()
+        self.inflight = 0
+        self.outcomes: dict[str, int] = dict.fromkeys(_OUTCOMES, 0)  # present from the start
+        self.duration = _Histogram(_DURATION_BUCKETS)
+        self.wait = _Histogram(_WAIT_BUCKETS)
+
+    def collect(self) -> Iterator[Any]:
+        pool = self.pool
+        with self.lock:
+            inflight = GaugeMetricFamily(
+                "celery_bulkhead_inflight", "Tasks running now.", labels=["pool"]
+            )
+            inflight.add_metric([pool], self.inflight)
+            tasks = CounterMetricFamily(
+                "celery_bulkhead_tasks", "Tasks finished, by outcome.", labels=["pool", "outcome"]
+            )
+            for outcome, count in self.outcomes.items():
+                tasks.add_metric([pool, outcome], count)
+            duration = self.duration.family(
+                "celery_bulkhead_task_duration_seconds", "Task run time.", pool
+            )
+            wait = self.wait.family(
+                "celery_bulkhead_queue_wait_seconds", "Time from publish to task start.", pool
+            )
+        yield from (inflight, tasks, duration, wait)
+
+
 class PoolMetrics:
     """The metrics of one pool on one worker node, in their own registry."""
 
@@ -96,26 +160,6 @@ class PoolMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = {"pool": pool.name}
         r = self.registry
-        self.tasks = Counter(
-            "celery_bulkhead_tasks", "Tasks finished, by outcome.", ["pool", "outcome"], registry=r
-        )
-        self.duration = Histogram(
-            "celery_bulkhead_task_duration_seconds",
-            "Task run time.",
-            ["pool"],
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        ).labels(**labels)
-        self.wait = Histogram(
-            "celery_bulkhead_queue_wait_seconds",
-            "Time from publish to task start.",
-            ["pool"],
-            buckets=_WAIT_BUCKETS,
-            registry=r,
-        ).labels(**labels)
-        self.inflight = Gauge(
-            "celery_bulkhead_inflight", "Tasks running now.", ["pool"], registry=r
-        ).labels(**labels)
         Gauge(
             "celery_bulkhead_concurrency",
             "Worker processes/threads of the pool on this node.",
@@ -133,8 +177,8 @@ class PoolMetrics:
                 "celery_bulkhead_queue_cap", "The pool's max_queue.", ["pool"], registry=r
             ).labels(**labels).set(pool.max_queue)
         r.register(_QueueDepth(app, pool))
-        for outcome in ("succeeded", "failed", "retried"):
-            self.tasks.labels(pool=pool.name, outcome=outcome)  # present from the start
+        self.stats = _TaskStats(pool.name)
+        r.register(self.stats)
 
     def request_class(self) -> type[Request]:
         """A Request class whose main-process callbacks update these metrics."""
@@ -143,16 +187,25 @@ class PoolMetrics:
     # -- called from the request callbacks (main process) ------------------------
 
     def started(self, published_at: Any) -> None:
-        self.inflight.inc()
-        if isinstance(published_at, (int, float)) and not isinstance(published_at, bool):
-            self.wait.observe(max(0.0, time.time() - published_at))
+        stats = self.stats
+        waited = (
+            max(0.0, time.time() - published_at)
+            if isinstance(published_at, (int, float)) and not isinstance(published_at, bool)
+            else None
+        )
+        with stats.lock:
+            stats.inflight += 1
+            if waited is not None:
+                stats.wait.observe(waited)
 
     def finished(self, outcome: str, runtime: float | None, was_started: bool) -> None:
-        if was_started:
-            self.inflight.dec()
-        if runtime is not None:
-            self.duration.observe(max(0.0, runtime))
-        self.tasks.labels(pool=self.pool.name, outcome=outcome).inc()
+        stats = self.stats
+        with stats.lock:
+            if was_started:
+                stats.inflight -= 1
+            if runtime is not None:
+                stats.duration.observe(max(0.0, runtime))
+            stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
 
 
 def _outcome(exc: BaseException | None) -> str:

@@ -11,6 +11,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from celery_bulkhead.worker_metrics import _Histogram
 from tests.app.shop import make_app
 from tests.conftest import BROKERS, Env, wait_for
 
@@ -181,3 +182,15 @@ def test_a_broker_password_appears_nowhere(
     )
     assert password not in raw(port)
     assert password not in env.workers[-1].log()
+
+
+def test_histogram_buckets_are_less_or_equal_and_cumulative() -> None:
+    """A value equal to a bound counts in that bucket (Prometheus ``le``); larger ones in +Inf."""
+    histogram = _Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        histogram.observe(value)
+    family = histogram.family("x_seconds", "x", "p")
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name == "x_seconds_bucket"}
+    assert buckets == {"0.1": 2, "1.0": 4, "+Inf": 5}
+    (total,) = [s.value for s in family.samples if s.name == "x_seconds_sum"]
+    assert total == pytest.approx(8.65)
