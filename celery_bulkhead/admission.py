@@ -81,6 +81,11 @@ class Admission:
             for pool in pools.values()
             if pool.max_queue is not None
         }
+        self._pushes = {
+            pool.queue: redis_cap.CappedPush(pool.queue, pool.max_queue)
+            for pool in pools.values()
+            if pool.max_queue is not None
+        }
         self._confirming = ConfirmingProducers(app, connect_timeout=publish_timeout)
         self._driver: str | None = None
         self._drops = DropLog()
@@ -178,12 +183,10 @@ class Admission:
         headers: Mapping[str, Any],
     ) -> Any:
         assert pool.max_queue is not None
-        self._check_transport(pool)
-        group_id = headers.get("group")
-        members = self._group_members(group_id if isinstance(group_id, str) else None)
         options["retry"] = False  # retried here, within publish_timeout
+        group_id = headers.get("group")
         first: int | None = None
-        if members is None and self.driver == "redis" and producer.connection.connected:
+        if group_id is None and self._driver == "redis" and producer.connection.connected:
             # Fast path: one capped push, no bookkeeping, when it fits and works.
             try:
                 first = self._publish_redis(pool, original, producer, name, message, options)
@@ -192,6 +195,8 @@ class Admission:
             if first is None:
                 count_admission(pool.name, "admitted", "below_cap")
                 return None
+        self._check_transport(pool)
+        members = self._group_members(group_id if isinstance(group_id, str) else None)
         started = time.monotonic()
         deadline = started + (pool.block_timeout if pool.on_full == "block" else 0.0)
         pause = _BACKOFF_MIN
@@ -277,9 +282,7 @@ class Admission:
         message: Any,
         options: dict[str, Any],
     ) -> int | None:
-        assert pool.max_queue is not None
-        push = redis_cap.CappedPush(pool.queue, pool.max_queue)
-        token = redis_cap.CURRENT.set(push)
+        token = redis_cap.CURRENT.set(self._pushes[pool.queue])
         try:
             original(producer, name, message, **options)
         except redis_cap.QueueFull as full:

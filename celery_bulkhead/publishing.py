@@ -9,7 +9,9 @@ instance-level hooks on the app (no global patching of Celery):
   :meth:`Admission.send`;
 * ``app.send_task`` — which every ``delay``/``apply_async``/canvas publish
   goes through — turns a drop into a :class:`DroppedResult` and marks other
-  results with ``dropped = False``.
+  results with ``dropped = False``.  Only an app with an ``on_full="drop"``
+  pool needs this; any other app's results say ``dropped = False`` through
+  the app's own ``AsyncResult`` class.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ def install_publishing(app: Celery, admission: Admission) -> None:
 
     # A cached_property on AMQP: an instance attribute replaces Celery's sender.
     vars(amqp)["send_task_message"] = send_task_message
+
+    if not any(pool.on_full == "drop" for pool in admission.by_queue.values()):
+        # Nothing can be dropped: every result of this app says so, and
+        # publishes skip the wrapper below (a frame that repacks ~20 arguments).
+        app.AsyncResult.dropped = False  # type: ignore[attr-defined]
+        return
 
     original_send_task = app.send_task
 

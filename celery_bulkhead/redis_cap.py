@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -47,52 +47,66 @@ class QueueFull(Exception):
         super().__init__(depth)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CappedPush:
-    """The capped publish in progress: its queue, its cap, and the depth it saw."""
+    """A capped publish in progress: its queue and its cap (one per pool, reused)."""
 
     queue: str
     cap: int
-    depth: int = 0
+    cap_arg: bytes = field(init=False, repr=False)  # ARGV[1], encoded once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cap_arg", str(self.cap).encode())
 
 
 CURRENT: ContextVar[CappedPush | None] = ContextVar("celery_bulkhead_capped_push", default=None)
 
 
-@functools.lru_cache(maxsize=1024)
-def _layout(
-    queue: str, sep: str, steps: tuple[int, ...], prefix: str, prefixed_client: bool
-) -> tuple[str, dict[int, str], tuple[str, ...]]:
-    """Base key (as passed to EVALSHA), suffix per priority step, and all suffixes."""
-    suffix_of = {step: (f"{sep}{step}" if step else "") for step in steps}
-    suffixes = tuple(dict.fromkeys(s for s in suffix_of.values() if s))
-    # kombu's prefixed client adds the prefix to the first key of an EVALSHA
-    # itself (PrefixedStrictRedis.PREFIXED_COMPLEX_COMMANDS).
-    base = queue if (prefixed_client or not prefix) else prefix + queue
-    return base, suffix_of, suffixes
+@dataclass(frozen=True)
+class _Layout:
+    """How one kombu channel stores one queue: the script to run and its keys."""
+
+    base: str | bytes  # KEYS[1], as passed to EVALSHA
+    suffix_of: dict[int, bytes]  # priority step -> ARGV[2], the sub-list suffix
+    text: str
+    sha: bytes
+
+
+def _layout(channel: Any, client: Any, queue: str) -> _Layout:
+    # Cached on the channel: its separator, priority steps and key prefix are
+    # fixed for its lifetime, and a publish should not recompute them.
+    layouts: dict[str, _Layout] | None = channel.__dict__.get("_celery_bulkhead_layouts")
+    if layouts is None:
+        layouts = channel.__dict__["_celery_bulkhead_layouts"] = {}
+    layout = layouts.get(queue)
+    if layout is None:
+        sep, prefix = channel.sep, getattr(channel, "global_keyprefix", "") or ""
+        suffix_of = {step: (f"{sep}{step}" if step else "") for step in channel.priority_steps}
+        suffixes = tuple(dict.fromkeys(s for s in suffix_of.values() if s))
+        # kombu's prefixed client adds the prefix to the first key of an EVALSHA
+        # itself (PrefixedStrictRedis.PREFIXED_COMPLEX_COMMANDS).
+        # Arguments are encoded once here, not by redis-py on every call; the
+        # prefixed client needs the key as text (it prefixes it with str()).
+        prefixed_client = bool(getattr(client, "global_keyprefix", None))
+        base = queue if prefixed_client else (prefix + queue).encode()
+        text, sha = _script(suffixes)
+        encoded = {step: suffix.encode() for step, suffix in suffix_of.items()}
+        layout = layouts[queue] = _Layout(base, encoded, text, sha.encode())
+    return layout
 
 
 def _capped_put(channel: Any, queue: str, message: Any, push: CappedPush) -> None:
     priority = channel.priority(channel._get_message_priority(message, reverse=False))
     with channel.conn_or_acquire() as client:
-        base, suffix_of, suffixes = _layout(
-            queue,
-            channel.sep,
-            tuple(channel.priority_steps),
-            getattr(channel, "global_keyprefix", "") or "",
-            bool(getattr(client, "global_keyprefix", None)),
-        )
-        text, sha = _script(suffixes)
-        args = (sha, 1, base, push.cap, suffix_of[priority], dumps(message))
+        layout = _layout(channel, client, queue)
+        args = (layout.base, push.cap_arg, layout.suffix_of[priority], dumps(message))
         try:
-            result = int(client.evalsha(*args))
+            result = int(client.execute_command("EVALSHA", layout.sha, b"1", *args))
         except NoScriptError:
-            client.script_load(text)
-            result = int(client.evalsha(*args))
+            client.script_load(layout.text)
+            result = int(client.execute_command("EVALSHA", layout.sha, b"1", *args))
     if result < 0:
-        push.depth = -result
         raise QueueFull(-result)
-    push.depth = result
 
 
 def install() -> None:
