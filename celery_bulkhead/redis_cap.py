@@ -23,7 +23,7 @@ from typing import Any
 from kombu.utils.json import dumps
 from redis.exceptions import NoScriptError
 
-__all__ = ["CappedPush", "QueueFull", "install", "queue_depth"]
+__all__ = ["CappedPush", "QueueFull", "install"]
 
 _TEMPLATE = resources.files(__package__).joinpath("lua/capped_push.lua").read_text()
 
@@ -128,8 +128,3 @@ def install() -> None:
     _put._celery_bulkhead = True  # type: ignore[attr-defined]
     _put.__wrapped__ = original  # type: ignore[attr-defined]
     kombu_redis.Channel._put = _put  # type: ignore[method-assign]
-
-
-def queue_depth(channel: Any, queue: str) -> int:
-    """Ready messages in a kombu Redis queue: every priority sub-list, prefix applied."""
-    return int(channel._size(queue))

@@ -1,7 +1,7 @@
 """What ``celery bulkhead status`` reports: per pool, from the broker and the workers.
 
-Depth comes from the broker (a passive declare, which on Redis sums the
-priority sub-queues under the key prefix); consumers and in-flight tasks
+Depth comes from the broker (:func:`~celery_bulkhead.depth.queue_depth`:
+on Redis every priority sub-queue, under the key prefix); consumers and in-flight tasks
 come from the workers' remote-control replies (``inspect active_queues`` and
 ``inspect active``), so a node that does not answer within the timeout
 counts as absent.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from .depth import queue_depth
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -36,12 +38,8 @@ class PoolStatus:
 
 def _depth(app: Celery, queue: str) -> int | None:
     try:
-        with app.connection_for_read() as connection, connection.channel() as channel:
-            declare: Any = channel.queue_declare  # type: ignore[attr-defined]  # kombu stubs lack it
-            try:
-                return int(declare(queue=queue, passive=True).message_count)
-            except connection.channel_errors:
-                return 0  # an empty Redis queue does not exist
+        with app.connection_for_read() as connection:
+            return queue_depth(connection, queue)
     except Exception:
         return None
 

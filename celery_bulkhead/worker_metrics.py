@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from .admission import PUBLISHED_AT_HEADER
+from .depth import queue_depth
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -59,12 +60,7 @@ class _QueueDepth(Collector):
         if self._connection is None:
             self._connection = self.app.connection_for_read()
         try:
-            with self._connection.channel() as channel:
-                try:
-                    ok = channel.queue_declare(queue=self.pool.queue, passive=True)
-                except self._connection.channel_errors:
-                    return 0.0  # an empty Redis queue does not exist
-                return float(ok.message_count)
+            return float(queue_depth(self._connection, self.pool.queue))
         except Exception:
             self._connection.collect()
             self._connection = None

@@ -9,9 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_bulkhead.worker_metrics import _Histogram
+from celery_bulkhead import Bulkhead, Pool
+from celery_bulkhead.status import collect
+from celery_bulkhead.worker_metrics import PoolMetrics, _Histogram
 from tests.app.shop import make_app
 from tests.conftest import BROKERS, Env, wait_for
 
@@ -194,3 +197,34 @@ def test_histogram_buckets_are_less_or_equal_and_cumulative() -> None:
     assert buckets == {"0.1": 2, "1.0": 4, "+Inf": 5}
     (total,) = [s.value for s in family.samples if s.name == "x_seconds_sum"]
     assert total == pytest.approx(8.65)
+
+
+def test_depth_counts_every_priority_under_a_redis_key_prefix() -> None:
+    """``status`` and the worker's queue_depth agree with Redis when kombu prefixes keys."""
+    prefix = f"bhk{uuid.uuid4().hex[:8]}"
+    app = Celery("keyprefix", broker=BROKERS["redis"], set_as_current=False)
+    app.conf.update(
+        task_ignore_result=True,
+        task_default_queue=f"{prefix}.default",
+        broker_transport_options={"global_keyprefix": f"{prefix}:"},
+    )
+    bulkhead = Bulkhead(app, pools=[Pool("deep", max_queue=100, queue=f"{prefix}.deep")])
+
+    @app.task(bulkhead="deep", name="keyprefix.noop", shared=False)
+    def noop() -> None: ...
+
+    client = redis.Redis.from_url(BROKERS["redis"])
+    try:
+        for i in range(5):
+            noop.apply_async(priority=i * 2)
+        lists = list(client.scan_iter(match=f"{prefix}:{prefix}.deep*"))
+        assert len(lists) > 1  # prefixed, and spread over priority sub-lists
+        (status,) = collect(app, list(bulkhead.pools), timeout=0.2)
+        assert status.depth == 5
+        registry = PoolMetrics(app, bulkhead.pool("deep")).registry
+        assert registry.get_sample_value("celery_bulkhead_queue_depth", {"pool": "deep"}) == 5
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        app.close()
