@@ -13,7 +13,9 @@ pool it decides:
   on both brokers;
 * **admit** when the queue holds fewer than ``max_queue`` ready messages,
   checked atomically with the push (Redis: one Lua call; RabbitMQ:
-  ``x-max-length`` with ``reject-publish`` and publisher confirms);
+  ``x-max-length`` with ``reject-publish`` and publisher confirms;
+  ``memory://``: under a process-wide lock); on another transport a capped
+  publish raises :class:`ConfigurationError` rather than ignore the cap;
 * otherwise the pool's ``on_full`` policy: ``reject`` raises
   :class:`PoolFull`, ``drop`` returns a :class:`DroppedResult` (counted and
   logged), ``block`` retries with a growing pause (5 ms to 100 ms) until room
@@ -34,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 
-from . import redis_cap
+from . import memory_cap, redis_cap
 from .amqp_cap import ConfirmingProducers, mismatch_error
+from .capped_push import CURRENT, CappedPush, QueueFull
 from .errors import BrokerUnavailable, ConfigurationError, PoolFull
 from .followups import bypass_reason, freeze_follow_ups
 from .metrics import DropLog, count_admission
@@ -56,8 +59,10 @@ Sender = Callable[..., Any]
 #: which workers measure queue wait.
 PUBLISHED_AT_HEADER = "bulkhead_published_at"
 _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
-#: kombu transports (``driver_type``) on which a cap is exact.
-_CAPPED_TRANSPORTS = frozenset({"redis", "amqp"})
+#: kombu transports (``driver_type``) whose ``Channel._put`` admission hooks,
+#: and the hook that makes a cap exact there.  RabbitMQ ("amqp") enforces caps itself.
+_PUT_HOOKS = {"redis": redis_cap.install, "memory": memory_cap.install}
+_CAPPED_TRANSPORTS = frozenset({"amqp", *_PUT_HOOKS})
 _GROUPS_TRACKED = 64
 
 
@@ -82,7 +87,7 @@ class Admission:
             if pool.max_queue is not None
         }
         self._pushes = {
-            pool.queue: redis_cap.CappedPush(pool.queue, pool.max_queue)
+            pool.queue: CappedPush(pool.queue, pool.max_queue)
             for pool in pools.values()
             if pool.max_queue is not None
         }
@@ -99,9 +104,10 @@ class Admission:
     @property
     def driver(self) -> str:
         if self._driver is None:
-            self._driver = str(self.app.connection_for_write().transport.driver_type)
-            if self._driver == "redis":
-                redis_cap.install()
+            driver = str(self.app.connection_for_write().transport.driver_type)
+            if driver in _PUT_HOOKS:
+                _PUT_HOOKS[driver]()
+            self._driver = driver
         return self._driver
 
     def _check_transport(self, pool: Pool) -> None:
@@ -110,7 +116,7 @@ class Admission:
                 pool.name,
                 "max_queue",
                 pool.max_queue,
-                "None on this broker (caps are enforced on Redis and RabbitMQ)",
+                "None on this broker (caps are enforced on Redis, RabbitMQ and memory://)",
                 detail=f"the {self.driver!r} transport cannot cap a queue exactly; "
                 "refusing to publish rather than ignore the cap",
             )
@@ -186,10 +192,10 @@ class Admission:
         options["retry"] = False  # retried here, within publish_timeout
         group_id = headers.get("group")
         first: int | None = None
-        if group_id is None and self._driver == "redis" and producer.connection.connected:
+        if group_id is None and self._driver in _PUT_HOOKS and producer.connection.connected:
             # Fast path: one capped push, no bookkeeping, when it fits and works.
             try:
-                first = self._publish_redis(pool, original, producer, name, message, options)
+                first = self._publish_hooked(pool, original, producer, name, message, options)
             except Exception:
                 first = -1  # go the careful way below, which retries broker errors
             if first is None:
@@ -253,9 +259,9 @@ class Admission:
         pause = _BACKOFF_MIN
         while True:
             try:
-                if self.driver == "redis":
+                if self.driver in _PUT_HOOKS:
                     self._connect(producer.connection, deadline)
-                    return self._publish_redis(pool, original, producer, name, message, options)
+                    return self._publish_hooked(pool, original, producer, name, message, options)
                 return self._publish_amqp(pool, original, name, message, options, deadline)
             except (PoolFull, Dropped):
                 raise
@@ -273,7 +279,7 @@ class Admission:
         errors = (*tuple(connection.connection_errors), OSError, TimeoutError, OperationalError)
         return isinstance(exc, errors)
 
-    def _publish_redis(
+    def _publish_hooked(
         self,
         pool: Pool,
         original: Sender,
@@ -282,13 +288,13 @@ class Admission:
         message: Any,
         options: dict[str, Any],
     ) -> int | None:
-        token = redis_cap.CURRENT.set(self._pushes[pool.queue])
+        token = CURRENT.set(self._pushes[pool.queue])
         try:
             original(producer, name, message, **options)
-        except redis_cap.QueueFull as full:
+        except QueueFull as full:
             return full.depth
         finally:
-            redis_cap.CURRENT.reset(token)
+            CURRENT.reset(token)
         return None
 
     def _publish_amqp(

@@ -3,7 +3,8 @@
 kombu's Redis channel delivers a message with a plain ``LPUSH`` in
 ``Channel._put`` and offers no hook in between, so this module wraps that
 method once per process.  The wrapper does nothing unless a capped publish
-is in progress on the current thread or task (a context variable set by
+is in progress on the current thread or task
+(:data:`celery_bulkhead.capped_push.CURRENT`, set by
 :mod:`celery_bulkhead.admission`) *and* the message is being delivered to
 that publish's queue; then it runs ``lua/capped_push.lua``, which sums the
 queue's priority sub-lists (kombu's ``<queue><sep><step>`` keys, with the
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from kombu.utils.json import dumps
 from redis.exceptions import NoScriptError
 
-__all__ = ["CappedPush", "QueueFull", "install"]
+from .capped_push import CURRENT, CappedPush, QueueFull
+
+__all__ = ["install"]
 
 _TEMPLATE = resources.files(__package__).joinpath("lua/capped_push.lua").read_text()
 
@@ -37,29 +39,6 @@ def _script(suffixes: tuple[str, ...]) -> tuple[str, str]:
     """The script text for one set of priority suffixes, and its SHA1."""
     text = _TEMPLATE.replace("{{SUFFIXES}}", "{" + ", ".join(map(_lua_string, suffixes)) + "}")
     return text, hashlib.sha1(text.encode()).hexdigest()
-
-
-class QueueFull(Exception):
-    """Internal: the capped push found the queue full (``depth`` ready messages)."""
-
-    def __init__(self, depth: int) -> None:
-        self.depth = depth
-        super().__init__(depth)
-
-
-@dataclass(frozen=True)
-class CappedPush:
-    """A capped publish in progress: its queue and its cap (one per pool, reused)."""
-
-    queue: str
-    cap: int
-    cap_arg: bytes = field(init=False, repr=False)  # ARGV[1], encoded once
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "cap_arg", str(self.cap).encode())
-
-
-CURRENT: ContextVar[CappedPush | None] = ContextVar("celery_bulkhead_capped_push", default=None)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -102,11 +105,65 @@ def test_rabbitmq_queue_that_exists_without_a_cap_is_a_clear_error(prefix: str) 
             conn.default_channel.queue_delete(queue)
 
 
-def test_a_cap_on_a_transport_that_cannot_enforce_it_refuses_to_publish() -> None:
+def test_a_cap_on_a_transport_that_cannot_enforce_it_refuses_to_publish(tmp_path: Path) -> None:
     """Never a cap silently ignored: other kombu transports raise, uncapped pools publish."""
-    app = make_capped_app("memory://", "no-caps")
+    folder = str(tmp_path)
+    app = make_capped_app(
+        "filesystem://",
+        "no-caps",
+        broker_transport_options={"data_folder_in": folder, "data_folder_out": folder},
+    )
     with pytest.raises(ConfigurationError) as info:
         app.tasks["capped.noop"].delay(1)
     assert (info.value.pool, info.value.setting, info.value.value) == ("capped", "max_queue", 100)
-    assert "the 'memory' transport cannot cap a queue exactly" in str(info.value)
+    assert "the 'filesystem' transport cannot cap a queue exactly" in str(info.value)
     assert not app.tasks["capped.plain"].delay(1).dropped  # a pool without max_queue
+    assert len(list(tmp_path.iterdir())) == 1  # only that one was published
+
+
+def _memory_app(prefix: str) -> Any:
+    return make_capped_app("memory://", prefix)
+
+
+def test_in_memory_caps_are_exact_for_each_policy() -> None:
+    """``memory://`` (an app's own tests): reject, drop and block behave as on a real broker."""
+    app = _memory_app(f"mem{uuid.uuid4().hex[:6]}")
+    small = app.tasks["capped.small.noop"]
+    small.delay(1)
+    small.delay(2)
+    with pytest.raises(PoolFull) as info:
+        small.delay(3)
+    assert (info.value.pool, info.value.depth, info.value.cap) == ("small", 2, 2)
+    drop_me = app.tasks["capped.drop_me"]
+    assert [drop_me.delay(i).dropped for i in range(4)] == [False, False, False, True]
+    block_me = app.tasks["capped.block_me"]
+    block_me.delay(1)
+    block_me.delay(2)
+    with pytest.raises(PoolFull, match="no room within"):
+        block_me.delay(3)
+
+
+def test_in_memory_cap_holds_under_concurrent_threads() -> None:
+    prefix = f"memt{uuid.uuid4().hex[:6]}"
+    app = _memory_app(prefix)
+    task = app.tasks["capped.noop"]
+    admitted: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def produce() -> None:
+        barrier.wait(timeout=30)
+        for i in range(40):
+            try:
+                task.delay(i)
+                admitted.append(i)
+            except PoolFull:
+                pass
+
+    threads = [threading.Thread(target=produce) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(admitted) == 100  # cap 100 of 320 attempts
+    with app.connection_for_write() as conn:
+        assert conn.default_channel._size(f"{prefix}.capped") == 100

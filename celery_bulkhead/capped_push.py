@@ -1,0 +1,40 @@
+"""The capped publish in progress, as the transport hooks see it.
+
+kombu calls a virtual transport's ``Channel._put`` deep inside
+``Producer.publish``, with no way to pass anything along.  Admission sets
+:data:`CURRENT` around a capped publish; the transport hook
+(:mod:`~celery_bulkhead.redis_cap`, :mod:`~celery_bulkhead.memory_cap`)
+reads it and, for a message bound to that publish's queue, pushes only
+below the cap or raises :class:`QueueFull`.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+__all__ = ["CURRENT", "CappedPush", "QueueFull"]
+
+
+class QueueFull(Exception):
+    """Internal: the capped push found the queue full (``depth`` ready messages)."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        super().__init__(depth)
+
+
+@dataclass(frozen=True)
+class CappedPush:
+    """A capped publish in progress: its queue and its cap (one per pool, reused)."""
+
+    queue: str
+    cap: int
+    cap_arg: bytes = field(init=False, repr=False)  # Redis ARGV[1], encoded once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cap_arg", str(self.cap).encode())
+
+
+#: The capped publish running on this thread or task, if any.
+CURRENT: ContextVar[CappedPush | None] = ContextVar("celery_bulkhead_capped_push", default=None)
