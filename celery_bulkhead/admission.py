@@ -34,13 +34,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from kombu.exceptions import OperationalError
+from kombu.exceptions import LimitExceeded, OperationalError
 
 from . import memory_cap, redis_cap
 from .amqp_cap import ConfirmingProducers, mismatch_error
 from .capped_push import CURRENT, CappedPush, QueueFull
 from .errors import BrokerUnavailable, ConfigurationError, PoolFull
-from .followups import bypass_reason, freeze_follow_ups
+from .followups import bypass_reason, mark_follow_ups
 from .metrics import DropLog, count_admission
 from .results import fail_canvas_results
 from .routing import continuation_queue
@@ -157,8 +157,8 @@ class Admission:
     # -- the publish path ---------------------------------------------------------
 
     def send(self, original: Sender, producer: Any, name: str, message: Any, **options: Any) -> Any:
-        # Any publish may carry callbacks that a pool's cap must later let through.
-        freeze_follow_ups(message)
+        # Any publish may carry follow-ups that a pool's cap must later let through.
+        mark_follow_ups(message)
         queue = options.get("queue")
         pool = self.by_queue.get(str(getattr(queue, "name", queue)))
         if pool is None:
@@ -168,7 +168,7 @@ class Admission:
             count_admission(pool.name, "admitted", "uncapped")
             return original(producer, name, message, **options)
         headers = message[0]
-        reason = bypass_reason(self.app, headers, self.in_worker)
+        reason = bypass_reason(self.app, headers, self.in_worker, options.get("headers"))
         if reason is not None:
             count_admission(pool.name, "admitted", reason)
             follow_up = self.continuation_queues[pool.queue]
@@ -276,7 +276,14 @@ class Admission:
 
     def _is_broker_error(self, producer: Any, exc: BaseException) -> bool:
         connection = getattr(producer, "connection", None) or self.app.connection_for_write()
-        errors = (*tuple(connection.connection_errors), OSError, TimeoutError, OperationalError)
+        # LimitExceeded: no connection of the confirm pool came free in time.
+        errors = (
+            *tuple(connection.connection_errors),
+            OSError,
+            TimeoutError,
+            OperationalError,
+            LimitExceeded,
+        )
         return isinstance(exc, errors)
 
     def _publish_hooked(

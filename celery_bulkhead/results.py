@@ -18,6 +18,7 @@ from celery.backends.base import DisabledBackend
 from celery.result import AsyncResult
 
 from .errors import PoolFull
+from .followups import signature_ids
 
 __all__ = ["DroppedResult", "fail_canvas_results"]
 
@@ -71,12 +72,8 @@ def _canvas_ids(headers: Mapping[str, Any], message: Any) -> list[str]:
     steps = (embed or {}).get("chain") if isinstance(embed, Mapping) else None
     if not steps and not headers.get("group"):
         return []  # a plain publish: its DroppedResult says it all
-    ids = [headers["id"]]
-    for step in steps or ():  # the rest of a chain never runs either
-        task_id = (step.get("options") or {}).get("task_id") if isinstance(step, Mapping) else None
-        if task_id:
-            ids.append(task_id)
-    return ids
+    # The rest of a chain never runs either: every task in it, group members too.
+    return [headers["id"], *sorted(signature_ids(steps))]
 
 
 def fail_canvas_results(

@@ -13,8 +13,8 @@ import time
 import pytest
 from celery import chain, chord, group
 
-from celery_bulkhead import PoolFull
-from tests.conftest import Env
+from celery_bulkhead import PoolFull, admission
+from tests.conftest import Env, wait_for
 
 
 def _fill_until_full(env: Env) -> None:
@@ -111,3 +111,67 @@ def test_a_chain_whose_first_step_is_dropped_fails_fast(capped: Env) -> None:
     assert error.pool == "dropper"
     _raises_pool_full_at_once(result.parent)
     assert capped.ready_messages(f"{capped.prefix}.dropper") == 3
+
+
+def test_an_errback_published_by_the_workers_main_process_is_never_refused(capped: Env) -> None:
+    """A hard time limit kills the task: the main process (no task running) sends its errback."""
+    worker = capped.start("--pool", "limited")
+    release = capped.key("release")
+    hang, fill = capped.app.tasks["capped.hang"], capped.app.tasks["capped.fill"]
+    hang.apply_async(("hung", release), link_error=fill.si("errback-after-timeout"))
+    capped.records.wait("started", "hung", timeout=60)
+    _fill_until_full(capped)  # nothing consumes the retrier pool in this test
+    continued = f"{capped.prefix}.retrier.continue"
+    # Celery itself may send the errback twice here (for the time limit, then for the
+    # killed child); what matters is that it is sent, past the full pool.
+    wait_for(lambda: capped.ready_messages(continued) >= 1, 30, "the errback in .continue")
+    assert capped.ready_messages(f"{capped.prefix}.retrier") == 2  # the cap still holds
+    assert "PoolFull" not in worker.log()
+    capped.release(release)
+
+
+def test_a_chords_errback_is_never_refused(capped: Env) -> None:
+    capped.start("--pool", "retrier")
+    release = capped.key("release")
+    fail_after, fill = capped.app.tasks["capped.fail_after"], capped.app.tasks["capped.fill"]
+    chord([fail_after.s("chord-part", release)], fill.si("body")).on_error(
+        fill.si("chord-errback")
+    ).apply_async()
+    capped.records.wait("started", "chord-part", timeout=60)
+    _fill_until_full(capped)
+    capped.release(release)
+    _continued(capped, "chord-errback")
+    assert not capped.records.find("done", "body")
+
+
+def test_a_dropped_chain_ending_in_a_group_fails_every_members_result(capped: Env) -> None:
+    drop_me = capped.app.tasks["capped.drop_me"]
+    for i in range(3):
+        drop_me.delay(i)
+    result = chain(drop_me.s(10), group(drop_me.si(11), drop_me.si(12))).apply_async()
+    for member in result.results:
+        assert _raises_pool_full_at_once(member).pool == "dropper"
+
+
+@pytest.mark.parametrize("worker_mode", ["celery-mark", "ids-only"])
+def test_unmarked_follow_ups_are_recognised_in_the_worker(
+    capped: Env, worker_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer without the Bulkhead marks nothing: the worker still lets the chain go on.
+
+    With Celery >= 5.7 Celery's own mark decides; "ids-only" is what older
+    Celery leaves: the ids of the chain's next step, a group's members among them.
+    """
+    monkeypatch.setattr(admission, "mark_follow_ups", lambda message: None)
+    extra_env = {"BULKHEAD_TEST_IDS_ONLY": "1"} if worker_mode == "ids-only" else None
+    capped.start("--pool", "retrier", extra_env=extra_env)
+    release = capped.key("release")
+    step, fill = capped.app.tasks["capped.step"], capped.app.tasks["capped.fill"]
+    chain(
+        step.s(None, "first", release), group(fill.si("member-1"), fill.si("member-2"))
+    ).apply_async()
+    capped.records.wait("started", "first", timeout=60)
+    _fill_until_full(capped)
+    capped.release(release)
+    _continued(capped, "member-1")
+    _continued(capped, "member-2")

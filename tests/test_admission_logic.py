@@ -11,7 +11,12 @@ from celery import Celery
 
 from celery_bulkhead import DroppedResult, Pool, PoolFull
 from celery_bulkhead.amqp_cap import mismatch_error
-from celery_bulkhead.followups import bypass_reason, freeze_follow_ups, signature_ids
+from celery_bulkhead.followups import (
+    FOLLOW_UP_HEADER,
+    bypass_reason,
+    mark_follow_ups,
+    signature_ids,
+)
 from celery_bulkhead.metrics import DropLog
 
 
@@ -131,38 +136,59 @@ def _message(embed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Any
     return ({"id": "parent"}, {}, ((), {}, embed), None)
 
 
-def test_link_callbacks_and_errbacks_get_ids_without_touching_the_callers_signatures() -> None:
-    app = Celery("freeze", broker="memory://", set_as_current=False)
-    callback = app.signature("cb", args=(1,))
+def _marked(sig: Any) -> bool:
+    return bool(((sig.get("options") or {}).get("headers") or {}).get(FOLLOW_UP_HEADER))
+
+
+def test_every_follow_up_a_message_carries_is_marked_without_touching_the_callers() -> None:
+    app = Celery("mark", broker="memory://", set_as_current=False)
+    callback = app.signature("cb", args=(1,), options={"headers": {"user": "kept"}})
     group_callback = app.signature("celery.group", kwargs={"tasks": [app.signature("member")]})
-    errback = app.signature("eb", options={"task_id": "already-set"})
-    message = _message({"callbacks": [callback, group_callback], "errbacks": [errback]})
-    freeze_follow_ups(message)
+    errback = app.signature("eb", options={"link_error": [app.signature("eb-of-eb")]})
+    chord_body = app.signature("body", options={"link_error": [app.signature("chord-eb")]})
+    chain_step = app.signature("step-2")
+    message = _message(
+        {
+            "callbacks": [callback, group_callback],
+            "errbacks": [errback],
+            "chain": [chain_step],
+            "chord": chord_body,
+        }
+    )
+    mark_follow_ups(message)
     embed = message[2][2]
-    (frozen_cb, frozen_group) = embed["callbacks"]
-    assert frozen_cb["options"]["task_id"] and frozen_cb["args"] == (1,)
-    assert "task_id" not in frozen_group["options"]  # a group's own id is its group id
-    assert frozen_group["kwargs"]["tasks"][0]["options"]["task_id"]
-    assert embed["errbacks"][0]["options"]["task_id"] == "already-set"
-    # The caller's signatures are unchanged: reused, they get new ids next time.
-    assert "task_id" not in callback.options
-    assert "task_id" not in group_callback["kwargs"]["tasks"][0]["options"]
-    again = _message({"callbacks": [callback]})
-    freeze_follow_ups(again)
-    assert again[2][2]["callbacks"][0]["options"]["task_id"] != frozen_cb["options"]["task_id"]
-    # Recognised in the worker that later publishes them.
-    running = FakeApp(request(callbacks=embed["callbacks"], errbacks=embed["errbacks"]))
-    for follow_up in signature_ids(embed["callbacks"]) | {"already-set"}:
-        assert bypass_reason(running, {"id": follow_up}) == "continuation"  # type: ignore[arg-type]
+    (marked_cb, marked_group) = embed["callbacks"]
+    assert _marked(marked_cb) and marked_cb["options"]["headers"]["user"] == "kept"
+    assert marked_cb["args"] == (1,)
+    # A group's own options override its members' when applied: only tasks are marked.
+    assert not _marked(marked_group) and _marked(marked_group["kwargs"]["tasks"][0])
+    assert _marked(embed["errbacks"][0]) and _marked(
+        embed["errbacks"][0]["options"]["link_error"][0]
+    )
+    assert _marked(embed["chain"][0])
+    assert _marked(embed["chord"]) and _marked(embed["chord"]["options"]["link_error"][0])
+    # The caller's signatures are unchanged.
+    assert callback.options["headers"] == {"user": "kept"}
+    assert not _marked(group_callback["kwargs"]["tasks"][0]) and not _marked(chain_step)
+    assert not _marked(chord_body["options"]["link_error"][0])
+
+
+def test_a_marked_publish_is_a_continuation_wherever_it_is_made() -> None:
+    """The worker's main process (no task running) publishes errbacks after a hard time limit."""
+    no_task = FakeApp()
+    marked = {FOLLOW_UP_HEADER: True}
+    assert bypass_reason(no_task, {"id": "eb"}, True, marked) == "continuation"  # type: ignore[arg-type]
+    assert bypass_reason(no_task, {"id": "eb", **marked}) == "continuation"  # type: ignore[arg-type]
+    assert bypass_reason(no_task, {"id": "new"}, True, {"other": 1}) is None  # type: ignore[arg-type]
 
 
 def test_a_message_without_follow_ups_is_left_alone() -> None:
     embed: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None}
     message = _message(embed)
-    freeze_follow_ups(message)
+    mark_follow_ups(message)
     assert message[2][2] == {"callbacks": None, "errbacks": None, "chain": None}
     legacy = ({"id": "x"}, {}, {"task": "protocol 1 body"}, None)
-    freeze_follow_ups(legacy)  # not protocol 2: nothing to do, no error
+    mark_follow_ups(legacy)  # not protocol 2: nothing to do, no error
     assert legacy[2] == {"task": "protocol 1 body"}
 
 

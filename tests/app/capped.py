@@ -10,7 +10,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from celery_bulkhead import Bulkhead, Pool
+from celery_bulkhead import Bulkhead, Pool, followups
 
 RECORDS_URL = "redis://127.0.0.1:6379/9"
 
@@ -48,6 +48,14 @@ def make_capped_app(broker_url: str, prefix: str, **conf: Any) -> Celery:
                 on_full="block",
                 block_timeout=1.0,
                 queue=f"{prefix}.blocker",
+            ),
+            Pool(
+                "limited",
+                max_queue=2,
+                queue=f"{prefix}.limited",
+                worker_pool="prefork",
+                concurrency=1,
+                time_limit=2,
             ),
             Pool(
                 "retrier",
@@ -109,6 +117,12 @@ def make_capped_app(broker_url: str, prefix: str, **conf: Any) -> Celery:
     def fill(self: Any, tag: str) -> None:
         record(self, "done", tag=tag)
 
+    @bulkhead.task(pool="limited", bind=True, name="capped.hang", shared=False)
+    def hang(self: Any, tag: str, release_key: str) -> None:
+        """Hangs past the pool's time_limit (2 s): the worker's main process fails it."""
+        record(self, "started", tag=tag)
+        records.blpop([release_key], timeout=60)
+
     @bulkhead.task(pool="retrier", bind=True, name="capped.fail_after", shared=False)
     def fail_after(self: Any, tag: str, release_key: str) -> None:
         """Waits for the test, then fails: its errback must never be refused."""
@@ -118,6 +132,11 @@ def make_capped_app(broker_url: str, prefix: str, **conf: Any) -> Celery:
 
     return app
 
+
+if os.environ.get("BULKHEAD_TEST_IDS_ONLY"):
+    # Workers that must recognise unmarked follow-ups by their ids alone, as on
+    # Celery < 5.7, which does not mark the publishes it makes for a finished task.
+    followups._dispatching = None
 
 app = make_capped_app(
     os.environ.get("BULKHEAD_TEST_BROKER", "redis://127.0.0.1:6379/9"),
