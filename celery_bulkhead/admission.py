@@ -163,7 +163,12 @@ class Admission:
         pool = self.by_queue.get(str(getattr(queue, "name", queue)))
         if pool is None:
             return original(producer, name, message, **options)
-        message[0][PUBLISHED_AT_HEADER] = time.time()
+        now = message[0][PUBLISHED_AT_HEADER] = time.time()
+        extra = options.get("headers")
+        if extra and PUBLISHED_AT_HEADER in extra:
+            # A retry re-sends its request's headers, which Celery merges in after
+            # this: they must not carry the first publish's time.
+            options["headers"] = {**extra, PUBLISHED_AT_HEADER: now}
         if pool.max_queue is None:
             count_admission(pool.name, "admitted", "uncapped")
             return original(producer, name, message, **options)

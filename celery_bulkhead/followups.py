@@ -8,11 +8,12 @@ lose work the user was told was queued.
 
 The follow-ups of a message are known when it is published: its body
 carries them (``callbacks``, ``errbacks``, ``chain``, ``chord``).
-:func:`mark_follow_ups` gives each of them, nested ones included, the
-message header :data:`FOLLOW_UP_HEADER` (in a copy: the caller's signatures
-are not changed).  Whoever publishes them later, a task in a prefork child,
-the worker's main process after a hard time limit, a result backend
-completing a chord, publishes them with the header, and they pass.
+:func:`mark_follow_ups` gives each of them, nested ones included, a task id
+and the message header :data:`FOLLOW_UP_HEADER` holding that id (in a copy:
+the caller's signatures are not changed).  Whoever publishes them later, a
+task in a prefork child, the worker's main process after a hard time limit,
+a result backend completing a chord, publishes them with the header, and a
+message whose header names its own id passes.
 
 For messages published by a process without the ``Bulkhead`` (so without
 the header), a worker also recognises:
@@ -29,6 +30,7 @@ the header), a worker also recognises:
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -85,33 +87,63 @@ def signature_ids(signatures: Iterable[Any] | None) -> set[str]:
     return ids
 
 
+def _is_marked(options: Mapping[str, Any]) -> bool:
+    """A task already marked with its id, with no callbacks left to mark."""
+    headers, task_id = options.get("headers"), options.get("task_id")
+    return (
+        bool(task_id)
+        and isinstance(headers, Mapping)
+        and headers.get(FOLLOW_UP_HEADER) == task_id
+        and not options.get("link")
+        and not options.get("link_error")
+    )
+
+
 def _mark(value: Any) -> Any:
-    """A copy of a signature (or a list of them) whose every task carries the header."""
+    """A copy of a signature (or a list of them) whose every task carries the header.
+
+    A task's header holds its own id, so the header says nothing about any
+    other publish: code that forwards ``self.request.headers`` to new work
+    does not smuggle that work past the cap.  A group, chain or chord that
+    has headers of its own gets the ids of all its tasks: Celery applies a
+    container's ``headers`` option to its members in place of theirs.
+    """
     if isinstance(value, (list, tuple)):
         return [_mark(sig) for sig in value]
     if not isinstance(value, Mapping):
         return value
-    sig = dict(value)
-    options = dict(value.get("options") or {})
-    if str(value.get("task")) not in _NESTED:
-        # Only on tasks: a group's or chain's own options override its
-        # members' when applied, and must keep whatever headers the user gave.
-        headers = options.get("headers")
-        options["headers"] = {**(headers if isinstance(headers, Mapping) else {})}
-        options["headers"][FOLLOW_UP_HEADER] = True
+    options = value.get("options") or {}
+    kwargs = value.get("kwargs") or {}
+    if not isinstance(options, Mapping) or not isinstance(kwargs, Mapping):
+        return value  # not a signature Celery builds: left as it is
+    nested_keys = _NESTED.get(str(value.get("task")), ())
+    if not nested_keys and _is_marked(options):
+        return value  # marked when an earlier step was published
+    marked = dict(options)
+    nested = {key: _mark(kwargs[key]) for key in nested_keys if kwargs.get(key)}
+    headers = options.get("headers")
+    if not nested_keys:
+        task_id = options.get("task_id") or str(uuid.uuid4())
+        marked["task_id"] = task_id
+        marked["headers"] = {**(headers if isinstance(headers, Mapping) else {})}
+        marked["headers"][FOLLOW_UP_HEADER] = task_id
+    elif isinstance(headers, Mapping):
+        members = [m for v in nested.values() for m in (v if isinstance(v, list) else [v])]
+        marked["headers"] = {**headers, FOLLOW_UP_HEADER: sorted(signature_ids(members))}
     for key in ("link", "link_error"):  # a follow-up's own callbacks and errbacks
         if options.get(key):
-            options[key] = _mark(options[key])
-    sig["options"] = options
-    kwargs = value.get("kwargs") or {}
-    nested = {
-        key: _mark(kwargs[key])
-        for key in _NESTED.get(str(value.get("task")), ())
-        if kwargs.get(key)
-    }
+            marked[key] = _mark(options[key])
+    sig = dict(value)
+    sig["options"] = marked
     if nested:
         sig["kwargs"] = {**kwargs, **nested}
     return sig
+
+
+def _marked_for(marker: Any, task_id: Any) -> bool:
+    if isinstance(marker, (list, tuple)):
+        return task_id in marker
+    return marker is not None and marker == task_id
 
 
 def mark_follow_ups(message: Any) -> None:
@@ -145,7 +177,9 @@ def bypass_reason(
     """
     if headers.get("retries"):
         return "retry"
-    if headers.get(FOLLOW_UP_HEADER) or (extra_headers and extra_headers.get(FOLLOW_UP_HEADER)):
+    # The headers= option replaces same-named message headers when Celery merges it.
+    marker = (extra_headers or {}).get(FOLLOW_UP_HEADER, headers.get(FOLLOW_UP_HEADER))
+    if marker is not None and _marked_for(marker, headers.get("id")):
         return "continuation"
     if not in_worker:
         return None

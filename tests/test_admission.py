@@ -152,6 +152,8 @@ def test_a_tasks_own_retry_is_never_refused(capped: Env) -> None:
     capped.release(release)
     runs = capped.records.wait("started", "retry-me", count=2, timeout=60)
     assert [r["retries"] for r in runs] == [0, 1]
+    # Queue wait is measured from the retry's own publish, not the first one.
+    assert runs[1]["published_at"] > runs[0]["published_at"]
     (done,) = capped.records.wait("done", "retry-me", timeout=60)
     assert done["routing_key"] == f"{capped.prefix}.retrier.continue"
     capped.records.wait("done", "fill-1")

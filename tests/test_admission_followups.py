@@ -113,12 +113,22 @@ def test_a_chain_whose_first_step_is_dropped_fails_fast(capped: Env) -> None:
     assert capped.ready_messages(f"{capped.prefix}.dropper") == 3
 
 
-def test_an_errback_published_by_the_workers_main_process_is_never_refused(capped: Env) -> None:
-    """A hard time limit kills the task: the main process (no task running) sends its errback."""
+@pytest.mark.parametrize("errback_kind", ["task", "chain-with-headers"])
+def test_an_errback_published_by_the_workers_main_process_is_never_refused(
+    capped: Env, errback_kind: str
+) -> None:
+    """A hard time limit kills the task: the main process (no task running) sends its errback.
+
+    An errback chain with headers of its own is the hard case: Celery gives the
+    chain's headers to its first task in place of the task's own.
+    """
     worker = capped.start("--pool", "limited")
     release = capped.key("release")
     hang, fill = capped.app.tasks["capped.hang"], capped.app.tasks["capped.fill"]
-    hang.apply_async(("hung", release), link_error=fill.si("errback-after-timeout"))
+    errback = fill.si("errback-after-timeout")
+    if errback_kind == "chain-with-headers":
+        errback = chain(errback, fill.si("second-step")).set(headers={"trace": "t-1"})
+    hang.apply_async(("hung", release), link_error=errback)
     capped.records.wait("started", "hung", timeout=60)
     _fill_until_full(capped)  # nothing consumes the retrier pool in this test
     continued = f"{capped.prefix}.retrier.continue"

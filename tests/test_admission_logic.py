@@ -136,8 +136,14 @@ def _message(embed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Any
     return ({"id": "parent"}, {}, ((), {}, embed), None)
 
 
+def _marker(sig: Any) -> Any:
+    return ((sig.get("options") or {}).get("headers") or {}).get(FOLLOW_UP_HEADER)
+
+
 def _marked(sig: Any) -> bool:
-    return bool(((sig.get("options") or {}).get("headers") or {}).get(FOLLOW_UP_HEADER))
+    """Marked with its own id, the one it will be published with."""
+    task_id = (sig.get("options") or {}).get("task_id")
+    return bool(task_id) and _marker(sig) == task_id
 
 
 def test_every_follow_up_a_message_carries_is_marked_without_touching_the_callers() -> None:
@@ -146,7 +152,7 @@ def test_every_follow_up_a_message_carries_is_marked_without_touching_the_caller
     group_callback = app.signature("celery.group", kwargs={"tasks": [app.signature("member")]})
     errback = app.signature("eb", options={"link_error": [app.signature("eb-of-eb")]})
     chord_body = app.signature("body", options={"link_error": [app.signature("chord-eb")]})
-    chain_step = app.signature("step-2")
+    chain_step = app.signature("step-2", options={"task_id": "frozen-by-celery"})
     message = _message(
         {
             "callbacks": [callback, group_callback],
@@ -160,26 +166,76 @@ def test_every_follow_up_a_message_carries_is_marked_without_touching_the_caller
     (marked_cb, marked_group) = embed["callbacks"]
     assert _marked(marked_cb) and marked_cb["options"]["headers"]["user"] == "kept"
     assert marked_cb["args"] == (1,)
-    # A group's own options override its members' when applied: only tasks are marked.
-    assert not _marked(marked_group) and _marked(marked_group["kwargs"]["tasks"][0])
+    # A group without headers of its own leaves its members' headers alone.
+    assert _marker(marked_group) is None and _marked(marked_group["kwargs"]["tasks"][0])
     assert _marked(embed["errbacks"][0]) and _marked(
         embed["errbacks"][0]["options"]["link_error"][0]
     )
-    assert _marked(embed["chain"][0])
+    assert (
+        _marked(embed["chain"][0]) and embed["chain"][0]["options"]["task_id"] == "frozen-by-celery"
+    )
     assert _marked(embed["chord"]) and _marked(embed["chord"]["options"]["link_error"][0])
     # The caller's signatures are unchanged.
-    assert callback.options["headers"] == {"user": "kept"}
-    assert not _marked(group_callback["kwargs"]["tasks"][0]) and not _marked(chain_step)
-    assert not _marked(chord_body["options"]["link_error"][0])
+    assert callback.options == {"headers": {"user": "kept"}}
+    assert group_callback["kwargs"]["tasks"][0]["options"] == {}
+    assert chain_step.options == {"task_id": "frozen-by-celery"}
+    assert chord_body["options"]["link_error"][0]["options"] == {}
+
+
+def test_a_container_with_headers_of_its_own_names_all_its_tasks() -> None:
+    """Celery gives a chain's, group's or chord's headers to its members in place of theirs."""
+    app = Celery("mark", broker="memory://", set_as_current=False)
+    errback_chain = app.signature(
+        "celery.chain",
+        kwargs={"tasks": [app.signature("c1"), app.signature("c2")]},
+        options={"headers": {"trace": "t-1"}},
+    )
+    message = _message({"errbacks": [errback_chain]})
+    mark_follow_ups(message)
+    (marked,) = message[2][2]["errbacks"]
+    steps = marked["kwargs"]["tasks"]
+    assert marked["options"]["headers"]["trace"] == "t-1"
+    assert sorted(_marker(marked)) == sorted(s["options"]["task_id"] for s in steps)
+    # The first step, published with the chain's headers, passes; new work does not.
+    first = steps[0]["options"]["task_id"]
+    chain_headers = marked["options"]["headers"]
+    assert bypass_reason(FakeApp(), {"id": first}, True, chain_headers) == "continuation"  # type: ignore[arg-type]
+    assert bypass_reason(FakeApp(), {"id": "new"}, True, chain_headers) is None  # type: ignore[arg-type]
+
+
+def test_an_already_marked_step_is_not_copied_again() -> None:
+    step = {"task": "t", "options": {"task_id": "s1", "headers": {FOLLOW_UP_HEADER: "s1"}}}
+    message = _message({"chain": [step]})
+    mark_follow_ups(message)
+    assert message[2][2]["chain"][0] is step
 
 
 def test_a_marked_publish_is_a_continuation_wherever_it_is_made() -> None:
     """The worker's main process (no task running) publishes errbacks after a hard time limit."""
     no_task = FakeApp()
-    marked = {FOLLOW_UP_HEADER: True}
-    assert bypass_reason(no_task, {"id": "eb"}, True, marked) == "continuation"  # type: ignore[arg-type]
-    assert bypass_reason(no_task, {"id": "eb", **marked}) == "continuation"  # type: ignore[arg-type]
-    assert bypass_reason(no_task, {"id": "new"}, True, {"other": 1}) is None  # type: ignore[arg-type]
+    assert bypass_reason(no_task, {"id": "eb"}, True, {FOLLOW_UP_HEADER: "eb"}) == "continuation"  # type: ignore[arg-type]
+    assert bypass_reason(no_task, {"id": "eb", FOLLOW_UP_HEADER: "eb"}) == "continuation"  # type: ignore[arg-type]
+
+
+def test_a_follow_ups_headers_forwarded_to_new_work_do_not_pass_the_cap() -> None:
+    """``child.apply_async(headers=self.request.headers)`` in a follow-up is new work."""
+    forwarded = {FOLLOW_UP_HEADER: "the-follow-up", "trace": "t-1"}
+    for in_worker in (True, False):
+        assert bypass_reason(FakeApp(), {"id": "child"}, in_worker, forwarded) is None  # type: ignore[arg-type]
+    assert bypass_reason(FakeApp(), {"id": "child", **forwarded}) is None  # type: ignore[arg-type]
+
+
+def test_odd_embed_entries_are_left_as_they_are() -> None:
+    odd = [
+        {"task": "celery.group", "kwargs": ["not", "a", "mapping"]},
+        {"task": "t", "options": ["x"]},
+        "a string",
+        None,
+    ]
+    message = _message({"callbacks": odd, "errbacks": ({"task": "t", "options": None},)})
+    mark_follow_ups(message)
+    assert message[2][2]["callbacks"] == odd
+    assert _marked(message[2][2]["errbacks"][0])
 
 
 def test_a_message_without_follow_ups_is_left_alone() -> None:

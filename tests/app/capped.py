@@ -76,6 +76,7 @@ def make_capped_app(broker_url: str, prefix: str, **conf: Any) -> Celery:
             "id": task.request.id,
             "retries": task.request.retries,
             "routing_key": (task.request.delivery_info or {}).get("routing_key"),
+            "published_at": getattr(task.request, "bulkhead_published_at", None),
             "at": time.time(),
             **data,
         }
