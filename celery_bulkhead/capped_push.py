@@ -10,10 +10,12 @@ below the cap or raises :class:`QueueFull`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["CURRENT", "CappedPush", "QueueFull"]
+__all__ = ["CURRENT", "CappedPush", "QueueFull", "hook_put"]
 
 
 class QueueFull(Exception):
@@ -38,3 +40,30 @@ class CappedPush:
 
 #: The capped publish running on this thread or task, if any.
 CURRENT: ContextVar[CappedPush | None] = ContextVar("celery_bulkhead_capped_push", default=None)
+
+
+#: ``capped_put(channel, original_put, queue, message, push, **kwargs)``: push
+#: below ``push.cap`` or raise :class:`QueueFull`.
+CappedPut = Callable[..., Any]
+
+
+def hook_put(channel_class: Any, capped_put: CappedPut) -> None:
+    """Wrap a virtual transport's ``Channel._put`` once per process (idempotent).
+
+    The wrapper does nothing unless a capped publish is in progress
+    (:data:`CURRENT`) and the message goes to that publish's queue; then it
+    hands the message to ``capped_put``.
+    """
+    original = channel_class._put
+    if getattr(original, "_celery_bulkhead", False):
+        return
+
+    def _put(self: Any, queue: str, message: Any, **kwargs: Any) -> Any:
+        push = CURRENT.get()
+        if push is None or push.queue != queue:
+            return original(self, queue, message, **kwargs)
+        return capped_put(self, original, queue, message, push, **kwargs)
+
+    _put._celery_bulkhead = True  # type: ignore[attr-defined]
+    _put.__wrapped__ = original  # type: ignore[attr-defined]
+    channel_class._put = _put

@@ -12,31 +12,25 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .capped_push import CURRENT, QueueFull
+from .capped_push import CappedPush, QueueFull, hook_put
 
 __all__ = ["install"]
 
 _lock = threading.Lock()
 
 
+def _capped_put(
+    channel: Any, original: Any, queue: str, message: Any, push: CappedPush, **kwargs: Any
+) -> Any:
+    with _lock:
+        depth = int(channel._size(queue))
+        if depth >= push.cap:
+            raise QueueFull(depth)
+        return original(channel, queue, message, **kwargs)
+
+
 def install() -> None:
     """Wrap kombu's in-memory ``Channel._put`` once per process (idempotent)."""
     from kombu.transport import memory
 
-    original = memory.Channel._put
-    if getattr(original, "_celery_bulkhead", False):
-        return
-
-    def _put(self: Any, queue: str, message: Any, **kwargs: Any) -> Any:
-        push = CURRENT.get()
-        if push is None or push.queue != queue:
-            return original(self, queue, message, **kwargs)
-        with _lock:
-            depth = int(self._size(queue))
-            if depth >= push.cap:
-                raise QueueFull(depth)
-            return original(self, queue, message, **kwargs)
-
-    _put._celery_bulkhead = True  # type: ignore[attr-defined]
-    _put.__wrapped__ = original  # type: ignore[attr-defined]
-    memory.Channel._put = _put  # type: ignore[method-assign]
+    hook_put(memory.Channel, _capped_put)

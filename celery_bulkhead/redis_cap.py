@@ -23,7 +23,7 @@ from typing import Any
 from kombu.utils.json import dumps
 from redis.exceptions import NoScriptError
 
-from .capped_push import CURRENT, CappedPush, QueueFull
+from .capped_push import CappedPush, QueueFull, hook_put
 
 __all__ = ["install"]
 
@@ -74,7 +74,11 @@ def _layout(channel: Any, client: Any, queue: str) -> _Layout:
     return layout
 
 
-def _capped_put(channel: Any, queue: str, message: Any, push: CappedPush) -> None:
+def _capped_put(
+    channel: Any, original: Any, queue: str, message: Any, push: CappedPush, **kwargs: Any
+) -> None:
+    # A producer-side publish batch (kwargs["_publish_batch"]) would defer the
+    # push past the check: the capped push is always sent at once.
     priority = channel.priority(channel._get_message_priority(message, reverse=False))
     with channel.conn_or_acquire() as client:
         layout = _layout(channel, client, queue)
@@ -92,18 +96,4 @@ def install() -> None:
     """Wrap kombu's Redis ``Channel._put`` once per process (idempotent)."""
     from kombu.transport import redis as kombu_redis
 
-    original = kombu_redis.Channel._put
-    if getattr(original, "_celery_bulkhead", False):
-        return
-
-    def _put(self: Any, queue: str, message: Any, **kwargs: Any) -> Any:
-        push = CURRENT.get()
-        if push is None or push.queue != queue:
-            return original(self, queue, message, **kwargs)
-        # A producer-side publish batch would defer the push past the check.
-        kwargs.pop("_publish_batch", None)
-        return _capped_put(self, queue, message, push)
-
-    _put._celery_bulkhead = True  # type: ignore[attr-defined]
-    _put.__wrapped__ = original  # type: ignore[attr-defined]
-    kombu_redis.Channel._put = _put  # type: ignore[method-assign]
+    hook_put(kombu_redis.Channel, _capped_put)

@@ -28,6 +28,13 @@ def _fill_until_full(env: Env) -> None:
     pytest.fail("the retrier pool (cap 2) never refused new work")
 
 
+def _fill_while_running(env: Env, tag: str, release: str) -> None:
+    """Once the task tagged ``tag`` runs, fill its pool until refused, then let the task go on."""
+    env.records.wait("started", tag, timeout=60)
+    _fill_until_full(env)
+    env.release(release)
+
+
 def _continued(env: Env, tag: str) -> None:
     (done,) = env.records.wait("done", tag, timeout=60)
     assert done["routing_key"] == f"{env.prefix}.retrier.continue"
@@ -39,9 +46,7 @@ def test_a_link_callback_is_never_refused(capped: Env) -> None:
     release = capped.key("release")
     step, fill = capped.app.tasks["capped.step"], capped.app.tasks["capped.fill"]
     step.apply_async((None, "parent", release), link=fill.si("callback"))
-    capped.records.wait("started", "parent", timeout=60)
-    _fill_until_full(capped)
-    capped.release(release)
+    _fill_while_running(capped, "parent", release)
     _continued(capped, "callback")
 
 
@@ -50,9 +55,7 @@ def test_an_errback_is_never_refused(capped: Env) -> None:
     release = capped.key("release")
     fail_after, fill = capped.app.tasks["capped.fail_after"], capped.app.tasks["capped.fill"]
     fail_after.apply_async(("failing", release), link_error=fill.si("errback"))
-    capped.records.wait("started", "failing", timeout=60)
-    _fill_until_full(capped)
-    capped.release(release)
+    _fill_while_running(capped, "failing", release)
     _continued(capped, "errback")
 
 
@@ -63,9 +66,7 @@ def test_every_member_of_a_group_that_is_the_next_chain_step_runs(capped: Env) -
     chain(
         step.s(None, "first", release), group(fill.si("member-1"), fill.si("member-2"))
     ).apply_async()
-    capped.records.wait("started", "first", timeout=60)
-    _fill_until_full(capped)
-    capped.release(release)
+    _fill_while_running(capped, "first", release)
     _continued(capped, "member-1")
     _continued(capped, "member-2")
 
@@ -75,9 +76,7 @@ def test_a_chords_body_is_never_refused(capped: Env) -> None:
     release = capped.key("release")
     step, fill = capped.app.tasks["capped.step"], capped.app.tasks["capped.fill"]
     chord([step.s(None, "header", release)], fill.si("body")).apply_async()
-    capped.records.wait("started", "header", timeout=60)
-    _fill_until_full(capped)
-    capped.release(release)
+    _fill_while_running(capped, "header", release)
     _continued(capped, "body")
 
 
@@ -147,9 +146,7 @@ def test_a_chords_errback_is_never_refused(capped: Env) -> None:
     chord([fail_after.s("chord-part", release)], fill.si("body")).on_error(
         fill.si("chord-errback")
     ).apply_async()
-    capped.records.wait("started", "chord-part", timeout=60)
-    _fill_until_full(capped)
-    capped.release(release)
+    _fill_while_running(capped, "chord-part", release)
     _continued(capped, "chord-errback")
     assert not capped.records.find("done", "body")
 
@@ -180,8 +177,6 @@ def test_unmarked_follow_ups_are_recognised_in_the_worker(
     chain(
         step.s(None, "first", release), group(fill.si("member-1"), fill.si("member-2"))
     ).apply_async()
-    capped.records.wait("started", "first", timeout=60)
-    _fill_until_full(capped)
-    capped.release(release)
+    _fill_while_running(capped, "first", release)
     _continued(capped, "member-1")
     _continued(capped, "member-2")
