@@ -156,7 +156,14 @@ class Admission:
 
     # -- the publish path ---------------------------------------------------------
 
-    def send(self, original: Sender, producer: Any, name: str, message: Any, **options: Any) -> Any:
+    def send(
+        self, original: Sender, producer: Any, name: str, message: Any, options: dict[str, Any]
+    ) -> Any:
+        """Publish ``message`` with Celery's sender ``original``, or refuse it.
+
+        ``options`` are the sender's keyword arguments, as a dict of the
+        caller's own (passed on, not repacked: this is the hot path).
+        """
         # Any publish may carry follow-ups that a pool's cap must later let through.
         mark_follow_ups(message)
         queue = options.get("queue")

@@ -57,7 +57,7 @@ def install_publishing(app: Celery, admission: Admission) -> None:
         if not original_sender:
             # Built on first use, from the configuration as it is then.
             original_sender.append(amqp._create_task_sender())  # type: ignore[attr-defined]
-        return admission.send(original_sender[0], producer, name, message, **options)
+        return admission.send(original_sender[0], producer, name, message, options)
 
     # A cached_property on AMQP: an instance attribute replaces Celery's sender.
     vars(amqp)["send_task_message"] = send_task_message
