@@ -23,7 +23,7 @@ No worker runs; nothing consumes.  Each measurement of a round uses a fresh
 app and fresh queues (``<run prefix>.r<round><kind>.*``): ``--warmup`` (200)
 untimed calls open the connections and declare the queue, then the timed
 loop, then the queue depth is checked (every message must have arrived) and
-the queues are deleted, so depth stays bounded.  ``--rounds`` (5) rounds are
+the queues are deleted, so depth stays bounded.  ``--rounds`` (6) rounds are
 interleaved A/B/A/B in one process: the order of the measurements is
 reversed every other round, so drift on this noisy 2-core machine hits
 every measurement alike.  GC is collected before every timed loop.
@@ -295,7 +295,12 @@ def report(results: list[Result], measurements: Sequence[Measurement], args: Any
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n", 1)[0])
     parser.add_argument("--n", type=int, default=5000, help="timed calls per measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=6,
+        help="interleaved rounds (even: each measurement goes first equally often)",
+    )
     parser.add_argument("--warmup", type=int, default=200, help="untimed calls first")
     args = parser.parse_args(argv)
     if args.n < 1 or args.rounds < 1 or args.warmup < 0:

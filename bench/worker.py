@@ -39,10 +39,12 @@ on the command line to both (``--pool``, ``--concurrency``).
 
 First one untimed A and one B drain of ``--warmup`` (1000) tasks warm the
 broker and the page cache (the first drain after a broker start is slow on
-RabbitMQ).  Then ``--rounds`` (3) rounds of A and B are interleaved, with the
+RabbitMQ).  Then ``--rounds`` (4) rounds of A and B are interleaved, with the
 order reversed every other round (A B, B A, A B, ...) so that drift on this
 noisy 2-core machine, which the producer, the broker and the worker share,
-hits both alike.  Tables show the median over rounds [min-max].
+hits both alike; an even number of rounds lets each go first equally often
+(the first drain of a round ran up to 10% slower on RabbitMQ here).  Tables
+show the median over rounds [min-max].
 
 How to read the ratio
 ---------------------
@@ -412,7 +414,12 @@ def report(results: list[Drain], args: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n", 1)[0])
     parser.add_argument("--n", type=int, default=5000, help="no-op tasks pre-loaded per drain")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of A and B")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="rounds of A and B (even: each goes first equally often)",
+    )
     parser.add_argument(
         "--pool", choices=("prefork", "threads"), default="prefork", help="worker -P"
     )
