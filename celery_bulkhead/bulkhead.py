@@ -11,14 +11,15 @@ bootstep and the ``--bulkhead-pool`` worker option used by
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from . import settings
 from .admission import Admission
 from .assignment import TASK_ATTRIBUTE, Assignment
+from .caps import check_transport, require_driver, transport_of
 from .errors import ConfigurationError
 from .pool import Pool, pools_from_setting
 from .publishing import install_publishing, install_timeouts
@@ -31,24 +32,10 @@ __all__ = ["Bulkhead", "installed_on"]
 
 logger = logging.getLogger(__name__)
 
-SETTING = "bulkhead_pools"
-TIMEOUT_SETTING = "bulkhead_publish_timeout"
-DEFAULT_PUBLISH_TIMEOUT = 10.0
-METRICS_PORT_SETTING = "bulkhead_metrics_port"
-METRICS_HOST_SETTING = "bulkhead_metrics_host"
 _APP_ATTRIBUTE = "_celery_bulkhead"
+#: The worker bootstep, by name: producers never import the worker side.
+_WORKER_STEP = "celery_bulkhead.worker.step:PoolWorkerStep"
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _seconds(setting: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(None, setting, value, "a finite number of seconds > 0")
-    return float(value)
 
 
 def installed_on(app: Celery) -> Bulkhead:
@@ -102,30 +89,20 @@ class Bulkhead:
                 detail="declare every pool in the same Bulkhead",
             )
         self.app = app
-        source = pools if pools is not None else app.conf.get(SETTING)
-        if source is None:
-            raise ConfigurationError(
-                None,
-                SETTING,
-                None,
-                "pools=[Pool(...)] or the bulkhead_pools setting",
-                detail="no pools declared",
-            )
-        parsed = pools_from_setting(list(source) if not isinstance(source, Mapping) else source)
+        self.settings = settings.read(app, pools=pools, publish_timeout=publish_timeout)
+        parsed = pools_from_setting(self.settings.pools)
         self._check_unique(parsed)
+        self.settings.check_ports(len(parsed))
+        driver = transport_of(app)
+        require_driver(driver)
+        for pool in parsed:
+            check_transport(pool, driver)
         self.assignment = Assignment(parsed)
-        timeout = app.conf.get(TIMEOUT_SETTING, DEFAULT_PUBLISH_TIMEOUT)
-        timeout = publish_timeout if publish_timeout is not None else timeout
-        self.publish_timeout = _seconds(TIMEOUT_SETTING, timeout)
+        self.publish_timeout = self.settings.publish_timeout
         self.admission = Admission(app, self.assignment.pools, self.publish_timeout)
-        port = app.conf.get(METRICS_PORT_SETTING)
-        if port is not None and (
-            isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
-        ):
-            raise ConfigurationError(None, METRICS_PORT_SETTING, port, "a TCP port 1-65535 or None")
         #: First metrics port: pool i (in declaration order) serves on port + i.
-        self.metrics_port: int | None = port
-        self.metrics_host: str = str(app.conf.get(METRICS_HOST_SETTING) or "127.0.0.1")
+        self.metrics_port: int | None = self.settings.metrics_port
+        self.metrics_host: str = self.settings.metrics_host
         self._install()
         setattr(app, _APP_ATTRIBUTE, self)
 
@@ -134,7 +111,7 @@ class Bulkhead:
     @staticmethod
     def _check_unique(pools: tuple[Pool, ...]) -> None:
         if not pools:
-            raise ConfigurationError(None, SETTING, [], "at least one pool")
+            raise ConfigurationError(None, settings.POOLS, [], "at least one pool")
         names: set[str] = set()
         queues: dict[str, str] = {}
         for pool in pools:
@@ -161,9 +138,7 @@ class Bulkhead:
         app.on_after_configure.connect(self._reinstall, weak=False)
         self._wrap_task_decorator()
         self._check_registered_tasks()
-        from .worker import PoolWorkerStep  # imported late: pulls in the worker side
-
-        app.steps["worker"].add(PoolWorkerStep)
+        app.steps["worker"].add(_WORKER_STEP)
         app.user_options["worker"].add(
             click.Option(
                 ["--bulkhead-metrics-port"],
@@ -264,9 +239,7 @@ class Bulkhead:
 
     def metrics_port_of(self, pool: Pool) -> int | None:
         """The metrics port of ``pool``'s worker: ``bulkhead_metrics_port`` + its index."""
-        if self.metrics_port is None:
-            return None
-        return self.metrics_port + self.pools.index(pool)
+        return self.settings.metrics_port_of(self.pools.index(pool))
 
     def validate_tasks(self) -> None:
         """Check every registered task's pool assignment (finalizes the app).

@@ -9,7 +9,7 @@ lose work the user was told was queued.
 The follow-ups of a message are known when it is published: its body
 carries them (``callbacks``, ``errbacks``, ``chain``, ``chord``).
 :func:`mark_follow_ups` gives each of them, nested ones included, a task id
-and the message header :data:`FOLLOW_UP_HEADER` holding that id (in a copy:
+and the message header :data:`celery_bulkhead.message.FOLLOW_UP` holding that id (in a copy:
 the caller's signatures are not changed).  Whoever publishes them later, a
 task in a prefork child, the worker's main process after a hard time limit,
 a result backend completing a chord, publishes them with the header, and a
@@ -35,13 +35,13 @@ from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from . import message
+
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["FOLLOW_UP_HEADER", "bypass_reason", "mark_follow_ups", "signature_ids"]
+__all__ = ["bypass_reason", "mark_follow_ups", "signature_ids"]
 
-#: Message header of a publish that continues admitted work: never refused.
-FOLLOW_UP_HEADER = "bulkhead_follow_up"
 
 _CHORD_UNLOCK = "celery.chord_unlock"
 _NESTED = {
@@ -93,7 +93,7 @@ def _is_marked(options: Mapping[str, Any]) -> bool:
     return (
         bool(task_id)
         and isinstance(headers, Mapping)
-        and headers.get(FOLLOW_UP_HEADER) == task_id
+        and headers.get(message.FOLLOW_UP) == task_id
         and not options.get("link")
         and not options.get("link_error")
     )
@@ -126,10 +126,10 @@ def _mark(value: Any) -> Any:
         task_id = options.get("task_id") or str(uuid.uuid4())
         marked["task_id"] = task_id
         marked["headers"] = {**(headers if isinstance(headers, Mapping) else {})}
-        marked["headers"][FOLLOW_UP_HEADER] = task_id
+        marked["headers"][message.FOLLOW_UP] = task_id
     elif isinstance(headers, Mapping):
         members = [m for v in nested.values() for m in (v if isinstance(v, list) else [v])]
-        marked["headers"] = {**headers, FOLLOW_UP_HEADER: sorted(signature_ids(members))}
+        marked["headers"] = {**headers, message.FOLLOW_UP: sorted(signature_ids(members))}
     for key in ("link", "link_error"):  # a follow-up's own callbacks and errbacks
         if options.get(key):
             marked[key] = _mark(options[key])
@@ -146,17 +146,16 @@ def _marked_for(marker: Any, task_id: Any) -> bool:
     return marker is not None and marker == task_id
 
 
-def mark_follow_ups(message: Any) -> None:
-    """Give every follow-up a task message carries the :data:`FOLLOW_UP_HEADER`.
+def mark_follow_ups(task_message: Any) -> None:
+    """Give every follow-up a task message carries the :data:`celery_bulkhead.message.FOLLOW_UP`.
 
     ``message`` is Celery's ``task_message`` (protocol 2: the body is
     ``(args, kwargs, embed)``); the embed's entries are replaced by marked
     copies.
     """
-    body = message[2]
-    if not isinstance(body, tuple) or len(body) != 3 or not isinstance(body[2], dict):
+    embed = message.embed(task_message)
+    if embed is None:
         return
-    embed = body[2]
     for key in _EMBEDDED:
         if embed.get(key):
             embed[key] = _mark(embed[key])
@@ -178,7 +177,7 @@ def bypass_reason(
     if headers.get("retries"):
         return "retry"
     # The headers= option replaces same-named message headers when Celery merges it.
-    marker = (extra_headers or {}).get(FOLLOW_UP_HEADER, headers.get(FOLLOW_UP_HEADER))
+    marker = (extra_headers or {}).get(message.FOLLOW_UP, headers.get(message.FOLLOW_UP))
     if marker is not None and _marked_for(marker, headers.get("id")):
         return "continuation"
     if not in_worker:

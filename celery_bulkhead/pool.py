@@ -7,13 +7,13 @@ in the middle of a publish.
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import ConfigurationError
+from .settings import seconds, whole
 
 __all__ = ["ON_FULL_POLICIES", "WORKER_POOLS", "Pool", "pools_from_setting"]
 
@@ -34,25 +34,14 @@ def _fail(pool: str | None, setting: str, value: Any, allowed: str) -> Configura
     return ConfigurationError(pool, setting, value, allowed)
 
 
-def _positive_int(pool: str, setting: str, value: Any, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    allowed = "an int >= 1" + (" or None (no limit)" if optional else "")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(pool, setting, value, allowed)
-
-
-def _positive_seconds(
-    pool: str, setting: str, value: Any, *, optional: bool = False
-) -> float | None:
-    if value is None and optional:
-        return None
-    allowed = "a finite number of seconds > 0" + (" or None (no limit)" if optional else "")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(pool, setting, value, allowed)
-    if not math.isfinite(value) or value <= 0:
-        raise _fail(pool, setting, value, allowed)
-    return float(value)
+#: Upper bounds that still work end to end (a worker can start, a broker takes
+#: the value): RabbitMQ's x-max-length is a signed 32-bit field on the wire.
+MAX_CONCURRENCY = 10_000
+MAX_QUEUE = 2**31 - 1
+MAX_PREFETCH = 65_535  # AMQP's prefetch count is 16 bits
+MAX_BLOCK_TIMEOUT = 3600.0
+MAX_TIME_LIMIT = 7 * 24 * 3600.0
+MAX_DRAIN_TIMEOUT = 24 * 3600.0
 
 
 @dataclass(frozen=True, init=False)
@@ -131,12 +120,14 @@ class Pool:
                 name,
                 "1-63 letters, digits, '_', '.' or '-', starting with a letter or digit",
             )
-        _positive_int(name, "concurrency", self.concurrency)
-        _positive_int(name, "max_queue", self.max_queue, optional=True)
+        whole(name, "concurrency", self.concurrency, maximum=MAX_CONCURRENCY)
+        whole(name, "max_queue", self.max_queue, maximum=MAX_QUEUE, optional=True)
         if self.on_full not in ON_FULL_POLICIES:
             raise _fail(name, "on_full", self.on_full, "one of " + ", ".join(ON_FULL_POLICIES))
         object.__setattr__(
-            self, "block_timeout", _positive_seconds(name, "block_timeout", self.block_timeout)
+            self,
+            "block_timeout",
+            seconds(name, "block_timeout", self.block_timeout, maximum=MAX_BLOCK_TIMEOUT),
         )
         object.__setattr__(self, "tasks", self._validated_patterns(self.tasks))
         queue = self.queue or f"bulkhead.{name}"
@@ -148,8 +139,10 @@ class Pool:
                 "a queue name of letters, digits, '_', '.', ':', '-' (at most 200 characters)",
             )
         object.__setattr__(self, "queue", queue)
-        hard = _positive_seconds(name, "time_limit", self.time_limit, optional=True)
-        soft = _positive_seconds(name, "soft_time_limit", self.soft_time_limit, optional=True)
+        hard = seconds(name, "time_limit", self.time_limit, maximum=MAX_TIME_LIMIT, optional=True)
+        soft = seconds(
+            name, "soft_time_limit", self.soft_time_limit, maximum=MAX_TIME_LIMIT, optional=True
+        )
         if hard is not None and soft is not None and soft >= hard:
             raise _fail(
                 name,
@@ -159,11 +152,13 @@ class Pool:
             )
         object.__setattr__(self, "time_limit", hard)
         object.__setattr__(self, "soft_time_limit", soft)
-        _positive_int(name, "prefetch_multiplier", self.prefetch_multiplier)
+        whole(name, "prefetch_multiplier", self.prefetch_multiplier, maximum=MAX_PREFETCH)
         if not isinstance(self.acks_late, bool):
             raise _fail(name, "acks_late", self.acks_late, "True or False")
         object.__setattr__(
-            self, "drain_timeout", _positive_seconds(name, "drain_timeout", self.drain_timeout)
+            self,
+            "drain_timeout",
+            seconds(name, "drain_timeout", self.drain_timeout, maximum=MAX_DRAIN_TIMEOUT),
         )
         if self.worker_pool not in WORKER_POOLS:
             raise _fail(name, "worker_pool", self.worker_pool, "one of " + ", ".join(WORKER_POOLS))
@@ -218,7 +213,7 @@ def pools_from_setting(value: Any) -> tuple[Pool, ...]:
             item if isinstance(item, Pool) and item.name == key else Pool.from_mapping(key, item)
             for key, item in value.items()
         )
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise _fail(None, "bulkhead_pools", value, allowed)
     pools: list[Pool] = []
     for item in value:

@@ -17,6 +17,7 @@ from celery import states
 from celery.backends.base import DisabledBackend
 from celery.result import AsyncResult
 
+from . import message
 from .errors import PoolFull
 from .followups import signature_ids
 
@@ -65,11 +66,9 @@ class DroppedResult(AsyncResult):  # type: ignore[type-arg]
         return f"<DroppedResult: {self.id} pool={self.error.pool!r}>"
 
 
-def _canvas_ids(headers: Mapping[str, Any], message: Any) -> list[str]:
+def _canvas_ids(headers: Mapping[str, Any], task_message: Any) -> list[str]:
     """Ids of results a canvas already handed out for a dropped message."""
-    body = message[2]
-    embed = body[2] if isinstance(body, tuple) and len(body) == 3 else None
-    steps = (embed or {}).get("chain") if isinstance(embed, Mapping) else None
+    steps = (message.embed(task_message) or {}).get("chain")
     if not steps and not headers.get("group"):
         return []  # a plain publish: its DroppedResult says it all
     # The rest of a chain never runs either: every task in it, group members too.
@@ -77,14 +76,14 @@ def _canvas_ids(headers: Mapping[str, Any], message: Any) -> list[str]:
 
 
 def fail_canvas_results(
-    app: Any, headers: Mapping[str, Any], message: Any, error: PoolFull
+    app: Any, headers: Mapping[str, Any], task_message: Any, error: PoolFull
 ) -> None:
     """Store ``error`` as the FAILURE of the results a canvas handed out for a dropped task.
 
     Does nothing for a plain publish, without a result backend, or when the
     backend cannot be reached (logged: a drop must not turn into an error).
     """
-    ids = _canvas_ids(headers, message)
+    ids = _canvas_ids(headers, task_message)
     if not ids:
         return
     try:

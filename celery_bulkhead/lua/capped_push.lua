@@ -7,6 +7,8 @@
 -- ARGV[1]  the cap: ready messages allowed in the queue (all sub-lists together)
 -- ARGV[2]  the suffix of the sub-list that receives the message ("" for the base list)
 -- ARGV[3]  the serialized message, exactly as kombu would LPUSH it
+-- ARGV[4]  optional: the queue's x-expires in milliseconds; every sub-list's
+--          expiry is refreshed after a push, as kombu's own _put does
 --
 -- {{SUFFIXES}} is replaced, when the script is loaded, by the Lua list of kombu's
 -- priority sub-list suffixes ("<sep><step>" for every step above 0) of the
@@ -16,12 +18,19 @@
 --
 -- Returns the depth after the push (> 0) when pushed, -depth when full.
 local base = KEYS[1]
+local suffixes = {{SUFFIXES}}
 local depth = redis.call('LLEN', base)
-for _, suffix in ipairs({{SUFFIXES}}) do
+for _, suffix in ipairs(suffixes) do
   depth = depth + redis.call('LLEN', base .. suffix)
 end
 if depth >= tonumber(ARGV[1]) then
   return -depth
 end
 redis.call('LPUSH', base .. ARGV[2], ARGV[3])
+if ARGV[4] then
+  redis.call('PEXPIRE', base, ARGV[4])
+  for _, suffix in ipairs(suffixes) do
+    redis.call('PEXPIRE', base .. suffix, ARGV[4])
+  end
+end
 return depth + 1

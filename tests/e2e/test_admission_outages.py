@@ -29,9 +29,9 @@ from kombu import Connection
 
 from celery_bulkhead import BrokerUnavailable
 from tests.app.capped import make_capped_app
-from tests.conftest import BROKERS, wait_for
+from tests.e2e.test_admission import admissions
 from tests.proxy import FreezableProxy
-from tests.test_admission import admissions
+from tests.support import BROKERS, wait_for
 
 BOUND = 4.0  # publish_timeout (1 s) plus one connection attempt, with a generous margin
 PUBLISHES = 3

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from celery_bulkhead import DroppedResult, PoolFull
 from tests.app.capped import make_capped_app
-from tests.conftest import Env, wait_for
+from tests.e2e.conftest import Env, wait_for
 
 PRODUCERS, ATTEMPTS_EACH, CAP = 32, 10, 100
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, Env, wait_for
+from tests.e2e.conftest import ROOT, Env, wait_for
 
 HOST = socket.gethostname()
 

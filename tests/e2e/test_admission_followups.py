@@ -14,7 +14,7 @@ import pytest
 from celery import chain, chord, group
 
 from celery_bulkhead import PoolFull, admission
-from tests.conftest import Env, wait_for
+from tests.e2e.conftest import Env, wait_for
 
 
 def _fill_until_full(env: Env) -> None:

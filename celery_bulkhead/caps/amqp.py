@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .pool import Pool
+    from ..pool import Pool
 
 __all__ = ["ConfirmingProducers", "mismatch_error"]
 

@@ -10,7 +10,7 @@ from celery import Celery, shared_task
 from kombu import Queue
 
 from celery_bulkhead import Bulkhead, ConfigurationError, Pool
-from tests.conftest import Env, wait_for
+from tests.e2e.conftest import Env, wait_for
 
 
 def new_app(**conf: Any) -> Celery:

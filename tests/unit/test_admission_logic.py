@@ -10,13 +10,13 @@ import pytest
 from celery import Celery
 
 from celery_bulkhead import DroppedResult, Pool, PoolFull
-from celery_bulkhead.amqp_cap import mismatch_error
+from celery_bulkhead.caps.amqp import mismatch_error
 from celery_bulkhead.followups import (
-    FOLLOW_UP_HEADER,
     bypass_reason,
     mark_follow_ups,
     signature_ids,
 )
+from celery_bulkhead.message import FOLLOW_UP as FOLLOW_UP_HEADER
 from celery_bulkhead.metrics import DropLog
 
 

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from celery_bulkhead import Bulkhead, Pool
 from celery_bulkhead.status import collect
-from celery_bulkhead.worker_metrics import PoolMetrics, _Histogram
+from celery_bulkhead.worker.metrics import PoolMetrics, _Histogram
 from tests.app.shop import make_app
-from tests.conftest import BROKERS, Env, wait_for
+from tests.e2e.conftest import BROKERS, Env, wait_for
 
 METERED_INDEX = 3  # the "metered" pool is the 4th declared: base port + 3
 

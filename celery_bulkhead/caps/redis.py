@@ -2,43 +2,30 @@
 
 kombu's Redis channel delivers a message with a plain ``LPUSH`` in
 ``Channel._put`` and offers no hook in between, so this module wraps that
-method once per process.  The wrapper does nothing unless a capped publish
-is in progress on the current thread or task
-(:data:`celery_bulkhead.capped_push.CURRENT`, set by
-:mod:`celery_bulkhead.admission`) *and* the message is being delivered to
-that publish's queue; then it runs ``lua/capped_push.lua``, which sums the
-queue's priority sub-lists (kombu's ``<queue><sep><step>`` keys, with the
+method once per process (:func:`celery_bulkhead.caps.hook_put`).  For a
+capped publish it runs ``lua/capped_push.lua``, which sums the queue's
+priority sub-lists (kombu's ``<queue><sep><step>`` keys, with the
 ``global_keyprefix``) and pushes only while the total is below the cap.  The
-check rides in the same round trip as the push.
+check rides in the same round trip as the push.  A queue declared with
+``x-expires`` has its sub-lists' expiry refreshed in the same call, as
+kombu's own ``_put`` does.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from kombu.utils.json import dumps
-from redis.exceptions import NoScriptError
 
-from .capped_push import CappedPush, QueueFull, hook_put
+from .. import scripts
+from . import CappedPush, QueueFull, hook_put
 
 __all__ = ["install"]
-
-_TEMPLATE = resources.files(__package__).joinpath("lua/capped_push.lua").read_text()
 
 
 def _lua_string(value: str) -> str:
     return '"' + "".join(f"\\{byte}" for byte in value.encode()) + '"'
-
-
-@functools.lru_cache(maxsize=16)
-def _script(suffixes: tuple[str, ...]) -> tuple[str, str]:
-    """The script text for one set of priority suffixes, and its SHA1."""
-    text = _TEMPLATE.replace("{{SUFFIXES}}", "{" + ", ".join(map(_lua_string, suffixes)) + "}")
-    return text, hashlib.sha1(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -47,8 +34,7 @@ class _Layout:
 
     base: str | bytes  # KEYS[1], as passed to EVALSHA
     suffix_of: dict[int, bytes]  # priority step -> ARGV[2], the sub-list suffix
-    text: str
-    sha: bytes
+    script: scripts.Script
 
 
 def _layout(channel: Any, client: Any, queue: str) -> _Layout:
@@ -68,9 +54,10 @@ def _layout(channel: Any, client: Any, queue: str) -> _Layout:
         # prefixed client needs the key as text (it prefixes it with str()).
         prefixed_client = bool(getattr(client, "global_keyprefix", None))
         base = queue if prefixed_client else (prefix + queue).encode()
-        text, sha = _script(suffixes)
+        lua_list = "{" + ", ".join(map(_lua_string, suffixes)) + "}"
+        script = scripts.load("capped_push", (("SUFFIXES", lua_list),))
         encoded = {step: suffix.encode() for step, suffix in suffix_of.items()}
-        layout = layouts[queue] = _Layout(base, encoded, text, sha.encode())
+        layout = layouts[queue] = _Layout(base, encoded, script)
     return layout
 
 
@@ -80,14 +67,13 @@ def _capped_put(
     # A producer-side publish batch (kwargs["_publish_batch"]) would defer the
     # push past the check: the capped push is always sent at once.
     priority = channel.priority(channel._get_message_priority(message, reverse=False))
+    expires = channel._expires.get(queue) if getattr(channel, "_expires", None) else None
     with channel.conn_or_acquire() as client:
         layout = _layout(channel, client, queue)
-        args = (layout.base, push.cap_arg, layout.suffix_of[priority], dumps(message))
-        try:
-            result = int(client.execute_command("EVALSHA", layout.sha, b"1", *args))
-        except NoScriptError:
-            client.script_load(layout.text)
-            result = int(client.execute_command("EVALSHA", layout.sha, b"1", *args))
+        args = [layout.base, push.cap_arg, layout.suffix_of[priority], dumps(message)]
+        if expires:
+            args.append(str(int(expires)).encode())
+        result = int(scripts.run(client, layout.script, b"1", *args))
     if result < 0:
         raise QueueFull(-result)
 

@@ -10,13 +10,14 @@ This lets an app's own test suite exercise ``reject``, ``drop`` and
 from __future__ import annotations
 
 import threading
+from queue import Queue
 from typing import Any
 
-from .capped_push import CappedPush, QueueFull, hook_put
+from . import CappedPush, QueueFull, hook_put
 
 __all__ = ["install"]
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # held by the capped put while kombu creates the queue
 
 
 def _capped_put(
@@ -29,8 +30,29 @@ def _capped_put(
         return original(channel, queue, message, **kwargs)
 
 
+def _queue_for(channel: Any, queue: str) -> Any:
+    # kombu creates a queue with check-then-set: two threads declaring and
+    # putting at once can each create one, and what went into the lost one
+    # vanishes (and the cap counts the wrong queue).  Created under the lock.
+    queues = channel.queues
+    found = queues.get(queue)
+    if found is None:
+        with _lock:
+            found = queues.get(queue)
+            if found is None:
+                found = queues[queue] = Queue()
+    return found
+
+
+def _new_queue(channel: Any, queue: str, **kwargs: Any) -> None:
+    _queue_for(channel, queue)
+
+
 def install() -> None:
     """Wrap kombu's in-memory ``Channel._put`` once per process (idempotent)."""
     from kombu.transport import memory
 
-    hook_put(memory.Channel, _capped_put)
+    with _lock:
+        memory.Channel._queue_for = _queue_for
+        memory.Channel._new_queue = _new_queue
+        hook_put(memory.Channel, _capped_put)

@@ -10,8 +10,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import Env, wait_for
-from tests.test_metrics import free_base_port, start_metered
+from tests.e2e.conftest import Env, wait_for
+from tests.e2e.test_metrics import free_base_port, start_metered
 
 
 def _free_port() -> int:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,27 +26,9 @@ from kombu import Connection
 
 from tests.app.capped import make_capped_app
 from tests.app.shop import RECORDS_URL, make_app
+from tests.support import BROKERS, ROOT, WORKER_FLAGS, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-BROKERS = {
-    "redis": "redis://127.0.0.1:6379/9",
-    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
-}
-WORKER_FLAGS = ["--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+__all__ = ["BROKERS", "ROOT", "Env", "wait_for"]
 
 
 @dataclass

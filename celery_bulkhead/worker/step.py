@@ -13,9 +13,11 @@ from typing import Any
 
 from celery import bootsteps
 
-from .bulkhead import installed_on
-from .errors import ConfigurationError
-from .pool import Pool
+from .. import settings
+from ..bulkhead import installed_on
+from ..errors import ConfigurationError
+from ..pool import Pool
+from .metrics import PoolMetrics
 
 __all__ = ["PoolWorkerStep"]
 
@@ -50,8 +52,6 @@ class PoolWorkerStep(bootsteps.StartStopStep):
         bulkhead = installed_on(parent.app)
         pool = bulkhead.pool(bulkhead_pool)
         bulkhead.validate_tasks()
-        from .worker_metrics import PoolMetrics  # worker side only
-
         self.metrics = PoolMetrics(parent.app, pool)
         request_class = self.metrics.request_class()
         for task in bulkhead.tasks_in(pool):
@@ -80,7 +80,7 @@ class PoolWorkerStep(bootsteps.StartStopStep):
         except OSError as exc:
             raise ConfigurationError(
                 self.pool.name,
-                "bulkhead_metrics_port",
+                settings.METRICS_PORT,
                 self.metrics_port,
                 "a free TCP port",
                 detail=f"cannot listen on {self.metrics_host}: {exc}",

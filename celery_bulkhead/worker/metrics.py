@@ -15,26 +15,27 @@ Labels carry the pool name only: no tenant, no broker URL, no credentials.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import Reject, Retry, TimeLimitExceeded
-from celery.worker.request import Request
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .admission import PUBLISHED_AT_HEADER
-from .depth import queue_depth
+from .. import message
+from ..depth import queue_depth
+from .request import OUTCOMES, BulkheadRequest, request_class
 
 if TYPE_CHECKING:
     from celery import Celery
+    from celery.worker.request import Request
 
-    from .pool import Pool
+    from ..pool import Pool
 
 __all__ = ["PoolMetrics"]
 
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 _DEPTH_CACHE_SECONDS = 1.0
-_OUTCOMES = ("succeeded", "failed", "retried")
 
 
 class _QueueDepth(Collector):
@@ -123,9 +123,10 @@ class _TaskStats(Collector):
         self.pool = pool
         self.lock = threading.Lock()
         self.inflight = 0
-        self.outcomes: dict[str, int] = dict.fromkeys(_OUTCOMES, 0)  # present from the start
+        self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)  # present from the start
         self.duration = _Histogram(_DURATION_BUCKETS)
         self.wait = _Histogram(_WAIT_BUCKETS)
+        self.malformed = 0
 
     def collect(self) -> Iterator[Any]:
         pool = self.pool
@@ -145,7 +146,14 @@ class _TaskStats(Collector):
             wait = self.wait.family(
                 "celery_bulkhead_queue_wait_seconds", "Time from publish to task start.", pool
             )
-        yield from (inflight, tasks, duration, wait)
+            malformed = CounterMetricFamily(
+                "celery_bulkhead_malformed_headers",
+                "Tasks whose bulkhead_published_at header was not a plausible time "
+                "(not observed in queue_wait_seconds).",
+                labels=["pool"],
+            )
+            malformed.add_metric([pool], self.malformed)
+        yield from (inflight, tasks, duration, wait, malformed)
 
 
 class PoolMetrics:
@@ -176,104 +184,31 @@ class PoolMetrics:
         self.stats = _TaskStats(pool.name)
         r.register(self.stats)
 
-    def request_class(self) -> type[Request]:
+    def request_class(self) -> type[BulkheadRequest]:
         """A Request class whose main-process callbacks update these metrics."""
-        return type(f"BulkheadRequest_{self.pool.name}", (_MeteredRequest,), {"_metrics": self})
+        return request_class(self.pool.name, [self])
 
-    # -- called from the request callbacks (main process) ------------------------
+    # -- Listener: called from the request callbacks (main process) ---------------
 
-    def started(self, published_at: Any) -> None:
+    def started(self, request: Request) -> None:
         stats = self.stats
-        waited = (
-            max(0.0, time.time() - published_at)
-            if isinstance(published_at, (int, float)) and not isinstance(published_at, bool)
-            else None
-        )
+        now = time.time()
+        stamp = request.request_dict.get(message.PUBLISHED_AT)
+        waited = None if stamp is None else message.published_at(stamp, now)
         with stats.lock:
             stats.inflight += 1
             if waited is not None:
                 stats.wait.observe(waited)
+            elif stamp is not None:  # untrusted input: counted, never observed
+                stats.malformed += 1
 
-    def finished(self, outcome: str, runtime: float | None, was_started: bool) -> None:
+    def finished(
+        self, request: Request, outcome: str, runtime: float | None, was_started: bool
+    ) -> None:
         stats = self.stats
         with stats.lock:
             if was_started:
                 stats.inflight -= 1
-            if runtime is not None:
+            if runtime is not None and math.isfinite(runtime):
                 stats.duration.observe(max(0.0, runtime))
             stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
-
-
-def _outcome(exc: BaseException | None) -> str:
-    if isinstance(exc, Retry):
-        return "retried"
-    if isinstance(exc, Reject):
-        return "rejected"
-    if isinstance(exc, TimeLimitExceeded):
-        return "timed_out"
-    if type(exc).__name__ == "Terminated":
-        return "revoked"
-    return "failed"
-
-
-class _MeteredRequest(Request):
-    """Counts a pool task's start and finish; a failing metric never breaks the task."""
-
-    _metrics: PoolMetrics
-    _bulkhead_started: float | None = None
-    _bulkhead_done = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # Celery derives a class of its own from this one (create_request_cls)
-        # whose on_success does not call ours: wrap that one too.
-        super().__init_subclass__(**kwargs)
-        inner = cls.__dict__.get("on_success")
-        if inner is not None and not getattr(inner, "_bulkhead", False):
-
-            def on_success(self: _MeteredRequest, failed__retval__runtime: Any, **kw: Any) -> Any:
-                self._bulkhead_succeeded(failed__retval__runtime)
-                return inner(self, failed__retval__runtime, **kw)
-
-            on_success._bulkhead = True  # type: ignore[attr-defined]
-            cls.on_success = on_success  # type: ignore[method-assign]
-
-    def _bulkhead_finish(self, outcome: str, runtime: float | None) -> None:
-        if self._bulkhead_done:
-            return
-        self._bulkhead_done = True
-        try:
-            if runtime is None and self._bulkhead_started is not None:
-                runtime = time.monotonic() - self._bulkhead_started
-            self._metrics.finished(outcome, runtime, self._bulkhead_started is not None)
-        except Exception:
-            logger.exception("celery-bulkhead: could not update task metrics")
-
-    def _bulkhead_succeeded(self, failed__retval__runtime: Any) -> None:
-        failed, _, runtime = failed__retval__runtime
-        if not failed:
-            self._bulkhead_finish("succeeded", runtime)
-
-    def on_accepted(self, pid: Any, time_accepted: float) -> None:
-        if self._bulkhead_started is None:
-            self._bulkhead_started = time.monotonic()
-            try:
-                self._metrics.started(self.request_dict.get(PUBLISHED_AT_HEADER))
-            except Exception:
-                logger.exception("celery-bulkhead: could not update task metrics")
-        super().on_accepted(pid, time_accepted)
-
-    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> Any:
-        self._bulkhead_succeeded(failed__retval__runtime)
-        return super().on_success(failed__retval__runtime, **kwargs)
-
-    on_success._bulkhead = True  # type: ignore[attr-defined]
-
-    def on_failure(
-        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
-    ) -> Any:
-        exc = getattr(exc_info, "exception", None)
-        exc = getattr(exc, "exc", exc)  # unwrap ExceptionWithTraceback
-        self._bulkhead_finish(_outcome(exc), None)
-        return super().on_failure(
-            exc_info, send_failed_event=send_failed_event, return_ok=return_ok
-        )

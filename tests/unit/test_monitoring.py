@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
 ALERTS = MONITORING / "prometheus" / "alerts.yml"
 ALERTS_TEST = MONITORING / "prometheus" / "alerts_test.yml"
