@@ -53,6 +53,7 @@ def install() -> None:
     from kombu.transport import memory
 
     with _lock:
-        memory.Channel._queue_for = _queue_for
-        memory.Channel._new_queue = _new_queue
+        channel: Any = memory.Channel  # replaced methods: the stubs' types do not apply
+        channel._queue_for = _queue_for
+        channel._new_queue = _new_queue
         hook_put(memory.Channel, _capped_put)
