@@ -133,6 +133,10 @@ def transport_of(app: Celery) -> str | None:
         connection.release()
 
 
+#: kombu transport modules whose ``driver_type`` is not their own name.
+_MODULE_DRIVERS = {"pyamqp": "amqp", "librabbitmq": "amqp"}
+
+
 def _driver_from_url(app: Celery) -> str | None:
     from kombu.transport import TRANSPORT_ALIASES
 
@@ -142,7 +146,10 @@ def _driver_from_url(app: Celery) -> str | None:
     scheme = str(app.conf.broker_transport or str(url).split("://", 1)[0].split("+", 1)[0])
     target = TRANSPORT_ALIASES.get(scheme.lower(), "")
     module = target.split(":", 1)[0] if isinstance(target, str) else ""
-    return "redis" if module == "kombu.transport.redis" else None
+    if not module.startswith("kombu.transport."):
+        return None
+    tail = module.rsplit(".", 1)[1]
+    return _MODULE_DRIVERS.get(tail, tail.lower())
 
 
 #: Transports that need an optional driver, and the extra that installs it.

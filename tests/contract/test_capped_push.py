@@ -1,0 +1,113 @@
+"""The capped-push contract, on every transport whose ``_put`` admission hooks.
+
+The same behaviour is asked of the in-memory hook (a lock) and the Redis
+hook (one Lua call): below the cap a message is pushed, at the cap nothing
+is pushed and :class:`QueueFull` carries the depth, every priority sub-list
+counts, and concurrent producers never push past the cap.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kombu import Connection, Exchange, Queue
+
+from celery_bulkhead import caps
+from celery_bulkhead.caps import CURRENT, CappedPush, QueueFull
+from tests.support import BROKERS
+
+TRANSPORTS = {"memory": "memory://", "redis": BROKERS["redis"]}
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def connection(request: pytest.FixtureRequest) -> Iterator[Connection]:
+    caps.install(request.param)
+    with Connection(
+        TRANSPORTS[request.param], transport_options={"priority_steps": [0, 3, 6, 9]}
+    ) as conn:
+        conn.ensure_connection(max_retries=1)  # a missing broker fails here
+        yield conn
+
+
+@pytest.fixture
+def queue(connection: Connection) -> Iterator[Queue]:
+    name = f"contract-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    with connection.channel() as channel:
+        queue(channel).declare()
+    yield queue
+    with connection.channel() as channel:
+        queue(channel).delete()
+
+
+def publish(connection: Connection, queue: Queue, cap: int, priority: int = 0) -> None:
+    token = CURRENT.set(CappedPush(queue.name, cap))
+    try:
+        with connection.Producer() as producer:
+            producer.publish(
+                {"n": 1}, exchange=queue.exchange, routing_key=queue.routing_key, priority=priority
+            )
+    finally:
+        CURRENT.reset(token)
+
+
+def depth(connection: Connection, queue: Queue) -> int:
+    with connection.channel() as channel:
+        return int(channel._size(queue.name))
+
+
+def test_below_the_cap_pushes_and_at_the_cap_refuses_with_the_depth(
+    connection: Connection, queue: Queue
+) -> None:
+    publish(connection, queue, cap=2)
+    publish(connection, queue, cap=2)
+    with pytest.raises(QueueFull) as full:
+        publish(connection, queue, cap=2)
+    assert full.value.depth == 2
+    assert depth(connection, queue) == 2
+
+
+def test_every_priority_counts_toward_the_cap(connection: Connection, queue: Queue) -> None:
+    for priority in (0, 3, 9):
+        publish(connection, queue, cap=3, priority=priority)
+    with pytest.raises(QueueFull) as full:
+        publish(connection, queue, cap=3, priority=6)
+    assert full.value.depth == 3
+
+
+def test_a_publish_to_another_queue_is_not_capped(connection: Connection, queue: Queue) -> None:
+    token = CURRENT.set(CappedPush("some-other-queue", 0 + 1))
+    try:
+        with connection.Producer() as producer:
+            for _ in range(3):
+                producer.publish({}, exchange=queue.exchange, routing_key=queue.routing_key)
+    finally:
+        CURRENT.reset(token)
+    assert depth(connection, queue) == 3
+
+
+def test_concurrent_producers_never_push_past_the_cap(connection: Connection, queue: Queue) -> None:
+    admitted: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def produce() -> None:
+        with Connection(connection.as_uri(include_password=True)) as own:
+            own.transport_options.update(connection.transport_options)
+            barrier.wait(timeout=30)
+            for i in range(25):
+                try:
+                    publish(own, queue, cap=50)
+                    admitted.append(i)
+                except QueueFull:
+                    pass
+
+    threads = [threading.Thread(target=produce) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(admitted) == 50  # of 200 attempts
+    assert depth(connection, queue) == 50
