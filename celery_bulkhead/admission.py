@@ -34,6 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,7 @@ from .errors import BrokerUnavailable, PoolFull
 from .followups import bypass_reason, mark_follow_ups
 from .metrics import DropLog, count_admission
 from .results import fail_canvas_results
-from .routing import continuation_queue
+from .routing import consumed_queues, continuation_queue, pool_queue
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -54,11 +55,16 @@ if TYPE_CHECKING:
 
     from .pool import Pool
 
-__all__ = ["Admission", "Decision", "Dropped"]
+__all__ = ["STARTED", "Admission", "Decision", "Dropped"]
 
 Sender = Callable[..., Any]
 
 _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
+
+#: When the publish in progress started (monotonic): set around the producer
+#: acquire by :mod:`celery_bulkhead.publishing`, so one deadline covers the
+#: wait for a pooled producer and every step after it.
+STARTED: ContextVar[float | None] = ContextVar("celery_bulkhead_publish_started", default=None)
 _GROUPS_TRACKED = 64
 
 
@@ -101,6 +107,17 @@ class Admission:
         self.app = app
         self.publish_timeout = publish_timeout
         self.by_queue: dict[str, Pool] = {pool.queue: pool for pool in pools.values()}
+        #: (exchange, routing key) -> pool, for every way a publish reaches a
+        #: pool's queues: its own direct exchange, and the default exchange
+        #: (routing by queue name).  Continuation queues count as the pool's.
+        self.by_route: dict[tuple[str, str], Pool] = {}
+        for pool in pools.values():
+            for queue in consumed_queues(pool):
+                self.by_route[(pool.queue, queue)] = pool
+                self.by_route[("", queue)] = pool
+        self.main_queues: dict[str, Queue] = {
+            pool.queue: pool_queue(pool) for pool in pools.values()
+        }
         self.continuation_queues: dict[str, Queue] = {
             pool.queue: continuation_queue(pool)
             for pool in pools.values()
@@ -139,6 +156,8 @@ class Admission:
         """
         if connection is None or connection.connected:
             return
+        # Each attempt's TCP and AMQP handshake within the time left, too.
+        connection.connect_timeout = max(deadline - time.monotonic(), 0.001)
         connection.ensure_connection(
             max_retries=None,
             timeout=max(deadline - time.monotonic(), 0.001),
@@ -187,7 +206,10 @@ class Admission:
         # Any publish may carry follow-ups that a pool's cap must later let through.
         mark_follow_ups(task_message)
         queue = options.get("queue")
-        pool = self.by_queue.get(str(getattr(queue, "name", queue)))
+        if options.get("exchange") is None and not options.get("routing_key"):
+            pool = self.by_queue.get(str(getattr(queue, "name", queue)))
+        else:
+            pool = self._routed_by_exchange(queue, options)
         if pool is None:
             return original(producer, name, task_message, **options)
         headers = message.headers(task_message)
@@ -213,7 +235,15 @@ class Admission:
             return original(producer, name, task_message, **options)
 
         # Gates 2 and 3: the cap, then on_full when it refuses.
-        deadline = time.monotonic() + self.publish_timeout
+        started = STARTED.get()
+        deadline = (time.monotonic() if started is None else started) + self.publish_timeout
+        if getattr(queue, "name", queue) != pool.queue:
+            # Sent to a pool's queue by another way (an explicit exchange and
+            # routing key, the continuation queue): new work meets the cap.
+            main = self.main_queues[pool.queue]
+            options = dict(
+                options, queue=main, exchange=main.exchange.name, routing_key=main.routing_key
+            )
         options["retry"] = False  # retried here, within the deadline
         members = self._group_members(headers.get("group"))
         decision = self._cap(pool, original, producer, name, task_message, options, deadline)
@@ -225,6 +255,23 @@ class Admission:
         if members is not None:
             members.append(headers["id"])
         return None
+
+    def _routed_by_exchange(self, queue: Any, options: Mapping[str, Any]) -> Pool | None:
+        """The pool whose queue an explicit exchange and routing key reach, if any.
+
+        Celery publishes to ``exchange or queue.exchange`` with ``routing_key
+        or queue.routing_key``; the broker delivers where that leads, whatever
+        ``queue`` says.  Judged here so that no publish enters a capped queue
+        without admission.
+        """
+        exchange = options.get("exchange")
+        if exchange is None:
+            exchange = getattr(getattr(queue, "exchange", None), "name", None)
+        routing_key = options.get("routing_key") or getattr(queue, "routing_key", None)
+        exchange_name = getattr(exchange, "name", exchange)
+        if not isinstance(exchange_name, str) or not isinstance(routing_key, str):
+            return None
+        return self.by_route.get((exchange_name, routing_key))
 
     def _bypass(
         self, pool: Pool, headers: Mapping[str, Any], options: Mapping[str, Any]

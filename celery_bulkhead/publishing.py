@@ -16,10 +16,16 @@ instance-level hooks on the app (no global patching of Celery):
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
-from .admission import Admission, Dropped
+from kombu.exceptions import LimitExceeded
+
+from .admission import STARTED, Admission, Dropped
+from .errors import BrokerUnavailable
+from .metrics import count_admission
 from .results import DroppedResult
+from .routing import ROUTED_POOL
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -49,8 +55,68 @@ def install_timeouts(app: Celery, publish_timeout: float) -> None:
     app.conf.broker_transport_options = options
 
 
+class _Producer:
+    """``app.producer_or_acquire``: a pool task's wait for a producer is part of its deadline.
+
+    Celery takes a producer from the app's pool (``broker_pool_limit``) before
+    admission runs, and waits for one with no timeout: with more publishing
+    threads than producers and a frozen broker, each waiter used to start its
+    own full ``publish_timeout`` only once a producer came free.  Here the
+    publish's start is recorded before the wait, admission's deadline counts
+    from it, and a pool task waits at most ``publish_timeout`` for a producer
+    (then :class:`BrokerUnavailable`).  Tasks in no pool wait as Celery does.
+    """
+
+    __slots__ = ("_acquired", "_app", "_given", "_timeout", "_token")
+
+    def __init__(self, app: Celery, producer: Any, timeout: float) -> None:
+        self._app = app
+        self._given = producer
+        self._timeout = timeout
+        self._acquired: Any = None
+
+    def __enter__(self) -> Any:
+        self._token = STARTED.set(time.monotonic())
+        if self._given is not None:
+            return self._given
+        pool = ROUTED_POOL.get()
+        try:
+            if pool is None:
+                self._acquired = self._app.producer_pool.acquire(block=True)
+            else:
+                self._acquired = self._app.producer_pool.acquire(block=True, timeout=self._timeout)
+        except LimitExceeded as exc:
+            STARTED.reset(self._token)
+            assert pool is not None
+            count_admission(pool, "error", "broker_unavailable")
+            raise BrokerUnavailable(
+                pool,
+                self._timeout,
+                f"no producer of the app's pool (broker_pool_limit="
+                f"{self._app.conf.broker_pool_limit}) came free in time",
+            ) from exc
+        except BaseException:
+            STARTED.reset(self._token)
+            raise
+        return self._acquired
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            if self._acquired is not None:
+                self._acquired.release()
+        finally:
+            STARTED.reset(self._token)
+
+
 def install_publishing(app: Celery, admission: Admission) -> None:
     amqp = app.amqp
+    timeout = admission.publish_timeout
+
+    def producer_or_acquire(producer: Any = None) -> _Producer:
+        return _Producer(app, producer, timeout)
+
+    producer_or_acquire.__doc__ = app.producer_or_acquire.__doc__
+    app.producer_or_acquire = producer_or_acquire  # type: ignore[method-assign,assignment]
     original_sender: list[Any] = []
 
     def send_task_message(producer: Any, name: str, message: Any, **options: Any) -> Any:

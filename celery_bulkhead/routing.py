@@ -10,6 +10,7 @@ too.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from kombu import Exchange, Queue
@@ -23,12 +24,18 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 __all__ = [
+    "ROUTED_POOL",
     "BulkheadRouter",
     "consumed_queues",
     "continuation_queue",
     "install_routing",
     "pool_queue",
 ]
+
+
+#: The pool the task being published was routed to (None: no pool), for the
+#: producer acquire that follows routing in ``Celery.send_task``.
+ROUTED_POOL: ContextVar[str | None] = ContextVar("celery_bulkhead_routed_pool", default=None)
 
 
 class BulkheadRouter:
@@ -47,7 +54,9 @@ class BulkheadRouter:
     ) -> dict[str, str] | None:
         pool = self.assignment.resolve(name, task)
         if pool is None:
+            ROUTED_POOL.set(None)
             return None
+        ROUTED_POOL.set(pool.name)
         return {"queue": pool.queue}
 
     def __repr__(self) -> str:

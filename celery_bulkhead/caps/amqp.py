@@ -65,13 +65,18 @@ class ConfirmingProducers:
     def acquire(self, deadline: float, connect: Connect) -> Iterator[Any]:
         """A producer on a connected confirm-mode connection, by ``deadline`` (monotonic).
 
-        ``connect(connection, deadline)`` (re)connects within the deadline; a
-        broken connection is closed on the way out, so the next use reconnects.
+        ``connect(connection, deadline)`` (re)connects within the deadline.
+        Every later step on the connection (opening the channel, a declare,
+        the publish, the confirm wait, a passive declare) is bounded by the
+        same deadline through the socket's timeout: a broker that freezes at
+        any point fails the step instead of hanging it.  A broken connection
+        is closed on the way out, so the next use reconnects.
         """
         timeout = max(deadline - time.monotonic(), 0.001)
         connection = self._connections().acquire(block=True, timeout=timeout)
         try:
             connect(connection, deadline)
+            _bound(connection, deadline)
             yield self.app.amqp.Producer(connection, auto_declare=False)
         except BaseException:
             # After a channel or connection error the default channel is gone
@@ -82,9 +87,18 @@ class ConfirmingProducers:
             connection.release()
 
     def depth(self, queue: str, deadline: float, connect: Connect) -> int:
-        """Ready messages in ``queue`` (a passive declare)."""
+        """Ready messages in ``queue`` (a passive declare), by ``deadline``."""
         with self.acquire(deadline, connect) as producer, producer.connection.channel() as channel:
             return int(channel.queue_declare(queue=queue, passive=True).message_count)
+
+
+def _bound(connection: Any, deadline: float) -> None:
+    """Give the connection's socket the time left until ``deadline`` for every read and write."""
+    transport = getattr(connection.connection, "transport", None)
+    sock = getattr(transport, "sock", None)
+    if sock is None:
+        raise TimeoutError("the confirm connection has no socket")  # closed meanwhile
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
 
 
 def mismatch_error(pool: Pool, exc: BaseException) -> ConfigurationError | None:
