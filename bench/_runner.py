@@ -3,8 +3,15 @@
 Every benchmark script (``isolation.py`` and the ones that follow) gets the
 same ground rules from here:
 
-* ``--broker redis|rabbitmq`` picks the broker (Redis db 12 or the local
-  RabbitMQ ``/`` vhost); timing records always go to Redis db 12;
+* ``--broker`` picks the broker: a URL (``redis://``, ``rediss://``,
+  ``amqp://``, ``amqps://``, ``pyamqp://``) or the shorthand ``redis`` or
+  ``rabbitmq`` (:data:`BROKER_URLS`, both on loopback); without it,
+  ``$CELERY_BROKER_URL``, else ``redis``.  Celery lets that variable override
+  every app's broker, so a run sets it to the chosen URL for itself and its
+  workers;
+* ``--records`` (default ``$BENCH_RECORDS_URL``) is the Redis the bench tasks
+  write their timing records to; by default the broker itself on Redis, and
+  the ``redis`` shorthand's URL on RabbitMQ;
 * a :class:`Run` owns everything the script creates: a run-unique name prefix
   (``bench-<script>-<time>-<random>``) for queues, exchanges and Redis keys,
   the worker subprocesses (each in its own session), a SIGALRM hard limit,
@@ -43,13 +50,15 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import redis
+from kombu.utils.url import maybe_sanitize_url
 
 __all__ = [
     "BENCH_DIR",
     "BROKER_URLS",
     "ENV_BROKER",
+    "ENV_CELERY_BROKER",
     "ENV_PREFIX",
-    "RECORDS_URL",
+    "ENV_RECORDS",
     "REPO_ROOT",
     "WORKER_FLAGS",
     "BenchError",
@@ -57,12 +66,18 @@ __all__ = [
     "Run",
     "Worker",
     "base_parser",
+    "broker_kind",
     "celery_settings",
+    "default_broker_url",
     "environment",
     "fmt_ms",
     "free_port",
+    "parse_args",
     "percentile",
     "print_table",
+    "public_args",
+    "records_url_for",
+    "resolve_broker",
     "wait_for",
     "write_json",
 ]
@@ -70,17 +85,32 @@ __all__ = [
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 
+#: The ``--broker`` shorthands, on loopback.  Anything else: pass a URL.
 BROKER_URLS: dict[str, str] = {
     "redis": "redis://127.0.0.1:6379/12",
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
 }
-#: Where bench tasks write their timing records (whatever the broker is).
-RECORDS_URL = "redis://127.0.0.1:6379/12"
+#: URL scheme -> broker kind.  Only these two: the runner cleans up, and the
+#: worker bench reads queue depths, in each broker's own way.
+_SCHEMES = {
+    "redis": "redis",
+    "rediss": "redis",
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "pyamqp": "rabbitmq",
+}
+
+#: Celery reads it in every app, over the app's own ``broker_url``.
+ENV_CELERY_BROKER = "CELERY_BROKER_URL"
+#: Celery's per-direction overrides; a bench run refuses them (one URL only).
+_ENV_CELERY_SPLIT = ("CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
 
 #: Environment variables the runner sets for worker processes; bench app
-#: modules read them at import time.
+#: modules read them at import time.  ``BENCH_RECORDS_URL`` is also the
+#: default of ``--records``.
 ENV_BROKER = "BENCH_BROKER_URL"
 ENV_PREFIX = "BENCH_PREFIX"
+ENV_RECORDS = "BENCH_RECORDS_URL"
 
 #: Flags every bench worker runs with: no cluster chatter during measurement.
 WORKER_FLAGS: tuple[str, ...] = (
@@ -96,6 +126,45 @@ WORKER_FLAGS: tuple[str, ...] = (
 CLEANUP_GRACE = 60
 
 T = TypeVar("T")
+
+
+# -- brokers -------------------------------------------------------------------
+
+
+def broker_kind(url: str) -> str:
+    """``"redis"`` or ``"rabbitmq"`` for a broker URL; ValueError for anything else."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    kind = _SCHEMES.get(scheme)
+    if kind is None:
+        raise ValueError(
+            f"unsupported broker {maybe_sanitize_url(url)!r}: a URL with scheme "
+            f"{', '.join(sorted(_SCHEMES))}, or one of {', '.join(sorted(BROKER_URLS))}"
+        )
+    return kind
+
+
+def resolve_broker(value: str) -> tuple[str, str]:
+    """``(kind, url)`` for a ``--broker`` value: a shorthand or a URL."""
+    url = BROKER_URLS.get(value, value)
+    return broker_kind(url), url
+
+
+def default_broker_url() -> str:
+    """The broker when none is given: ``$CELERY_BROKER_URL``, else the ``redis`` shorthand."""
+    return os.environ.get(ENV_CELERY_BROKER) or BROKER_URLS["redis"]
+
+
+def records_url_for(broker_url: str, records: str | None = None) -> str:
+    """Where timing records go: ``records``, ``$BENCH_RECORDS_URL``, the Redis broker,
+    else the ``redis`` shorthand's URL."""
+    url = records or os.environ.get(ENV_RECORDS)
+    if url == "redis":
+        url = BROKER_URLS["redis"]
+    if url is None:
+        url = broker_url if broker_kind(broker_url) == "redis" else BROKER_URLS["redis"]
+    if broker_kind(url) != "redis":
+        raise ValueError(f"records need Redis, not {maybe_sanitize_url(url)!r}")
+    return url
 
 
 class BenchError(RuntimeError):
@@ -311,22 +380,36 @@ class Run:
     """
 
     def __init__(
-        self, script: str, broker: str, *, hard_limit: float, keep_logs: bool = False
+        self,
+        script: str,
+        broker_url: str,
+        *,
+        records_url: str | None = None,
+        hard_limit: float,
+        keep_logs: bool = False,
     ) -> None:
-        if broker not in BROKER_URLS:
-            raise ValueError(f"unknown broker {broker!r}; one of {', '.join(BROKER_URLS)}")
-        self.broker = broker
-        self.broker_url = BROKER_URLS[broker]
+        #: ``"redis"`` or ``"rabbitmq"``.
+        self.broker = broker_kind(broker_url)
+        self.broker_url = broker_url
+        self.records_url = records_url_for(broker_url, records_url)
+        #: The broker URL with its password masked, for output.
+        self.where = maybe_sanitize_url(broker_url)
         self.prefix = f"bench-{script}-{time.strftime('%H%M%S')}-{secrets.token_hex(3)}"
         self.hard_limit = hard_limit
         self.keep_logs = keep_logs
-        self.records = redis.Redis.from_url(RECORDS_URL)
+        self.records = redis.Redis.from_url(self.records_url)
+        #: The broker's own Redis (kombu's keys), or None on RabbitMQ.
+        self.broker_redis: redis.Redis | None = None
+        if self.broker == "redis":
+            same = broker_url == self.records_url
+            self.broker_redis = self.records if same else redis.Redis.from_url(broker_url)
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         self.workers: list[Worker] = []
         self._queues: set[str] = set()
         self._exchanges: set[str] = set()
         self._failed = False
         self._previous_handlers: dict[int, Any] = {}
+        self._previous_env: dict[str, str | None] = {}
 
     # -- names -----------------------------------------------------------------
 
@@ -343,6 +426,8 @@ class Run:
         path = [str(BENCH_DIR), str(REPO_ROOT), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         env[ENV_BROKER] = self.broker_url
+        env[ENV_CELERY_BROKER] = self.broker_url
+        env[ENV_RECORDS] = self.records_url
         env[ENV_PREFIX] = prefix
         env["PYTHONUNBUFFERED"] = "1"
         env.update(extra or {})
@@ -402,20 +487,25 @@ class Run:
         """Delete the Redis keys and broker queues/exchanges under ``scope``.
 
         ``scope`` defaults to the whole run.  Redis: every key starting with
-        it in db 12 (the broker's keys and the timing records).  RabbitMQ:
+        it in the records database and, on a Redis broker, in the broker's
+        database (kombu's keys carry the prefix).  RabbitMQ:
         ``queue_delete``/``exchange_delete`` of the tracked names.
         """
         scope = scope or self.prefix
         if not scope.startswith(self.prefix):
             raise ValueError(f"{scope!r} is not part of this run ({self.prefix!r})")
-        batch: list[bytes] = []
-        for key in self.records.scan_iter(match=f"{scope}*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                self.records.delete(*batch)
-                batch.clear()
-        if batch:
-            self.records.delete(*batch)
+        clients = [self.records]
+        if self.broker_redis is not None and self.broker_redis is not self.records:
+            clients.append(self.broker_redis)
+        for client in clients:
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=f"{scope}*", count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    client.delete(*batch)
+                    batch.clear()
+            if batch:
+                client.delete(*batch)
         if self.broker == "rabbitmq":
             queues = sorted(q for q in self._queues if q.startswith(scope))
             exchanges = sorted(e for e in self._exchanges if e.startswith(scope))
@@ -466,6 +556,11 @@ class Run:
             (signal.SIGTERM, self._on_term),
         ):
             self._previous_handlers[signum] = signal.signal(signum, handler)
+        # Celery prefers CELERY_BROKER_URL to an app's broker_url: make it
+        # agree; bench apps built here find their records where workers do.
+        for name, value in ((ENV_CELERY_BROKER, self.broker_url), (ENV_RECORDS, self.records_url)):
+            self._previous_env[name] = os.environ.get(name)
+            os.environ[name] = value
         signal.alarm(max(1, math.ceil(self.hard_limit)))
         return self
 
@@ -485,7 +580,14 @@ class Run:
             signal.alarm(0)
             for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler)
+            for name, previous in self._previous_env.items():
+                if previous is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = previous
             self.records.close()
+            if self.broker_redis is not None and self.broker_redis is not self.records:
+                self.broker_redis.close()
             if self._failed or self.keep_logs:
                 print(f"worker logs kept in {self.log_dir}")
             else:
@@ -502,7 +604,25 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--broker", choices=sorted(BROKER_URLS), default="redis")
+    parser.add_argument(
+        "--broker",
+        metavar="URL|redis|rabbitmq",
+        default=argparse.SUPPRESS,  # resolved by parse_args (the help says how)
+        help=(
+            "broker URL (redis://, rediss://, amqp://, amqps://, pyamqp://) or a shorthand: "
+            f"redis = {BROKER_URLS['redis']}, rabbitmq = {BROKER_URLS['rabbitmq']}; "
+            f"default: ${ENV_CELERY_BROKER}, else redis"
+        ),
+    )
+    parser.add_argument(
+        "--records",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help=(
+            "Redis URL for the tasks' timing records; default: "
+            f"${ENV_RECORDS}, else the broker on Redis, else {BROKER_URLS['redis']}"
+        ),
+    )
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write results as JSON")
     parser.add_argument(
         "--hard-limit",
@@ -513,6 +633,34 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker logs")
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, then resolve the broker: ``args.broker`` becomes ``"redis"`` or
+    ``"rabbitmq"``, with the URLs in ``args.broker_url`` and ``args.records_url``."""
+    args = parser.parse_args(argv)
+    for name in _ENV_CELERY_SPLIT:
+        if os.environ.get(name):
+            parser.error(f"unset {name}: Celery would prefer it to the bench's broker")
+    try:
+        broker = getattr(args, "broker", None) or default_broker_url()
+        args.broker, args.broker_url = resolve_broker(broker)
+        args.records_url = records_url_for(args.broker_url, getattr(args, "records", None))
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def public_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``vars(args)`` for a JSON report: paths as strings, passwords in URLs masked."""
+    public: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, str) and "://" in value:
+            value = maybe_sanitize_url(value)
+        public[key] = value
+    return public
 
 
 def print_table(

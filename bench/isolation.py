@@ -55,8 +55,10 @@ from _runner import (
     Run,
     base_parser,
     fmt_ms,
+    parse_args,
     percentile,
     print_table,
+    public_args,
     wait_for,
     write_json,
 )
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="fast stream seconds")
     parser.add_argument("--slow-burst", type=int, default=40, help="slow tasks submitted")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (a), (b), (c)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.rate <= 0 or args.duration <= 0 or args.slow_burst < 0 or args.repeats < 1:
         parser.error("--rate and --duration must be > 0, --slow-burst >= 0, --repeats >= 1")
 
@@ -296,9 +298,15 @@ def measure(args: Any) -> int:
     per_round = 3 * (args.duration + 25.0) + args.slow_burst * SLOW_SECONDS / PLAIN_CONCURRENCY
     hard_limit = args.hard_limit or 2 * args.repeats * per_round + 60.0
     results: list[CaseResult] = []
-    with Run("isolation", args.broker, hard_limit=hard_limit, keep_logs=args.keep_logs) as run:
+    with Run(
+        "isolation",
+        args.broker_url,
+        records_url=args.records_url,
+        hard_limit=hard_limit,
+        keep_logs=args.keep_logs,
+    ) as run:
         print(
-            f"isolation bench on {args.broker} (prefix {run.prefix}); fast pool "
+            f"isolation bench on {args.broker} at {run.where} (prefix {run.prefix}); fast pool "
             f"{FAST_CONCURRENCY} threads, slow pool {SLOW_CONCURRENCY} threads, plain worker "
             f"{PLAIN_CONCURRENCY} threads; hard limit {hard_limit:.0f} s",
             flush=True,
@@ -323,7 +331,7 @@ def measure(args: Any) -> int:
             args.json,
             {
                 "bench": "isolation",
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "args": public_args(args),
                 "settings": {
                     "fast_seconds": FAST_SECONDS,
                     "slow_seconds": SLOW_SECONDS,

@@ -6,13 +6,14 @@
 * ``plain_app``: no celery_bulkhead; both tasks go to one queue, served by
   one ``celery -A isolation_app:plain_app worker -P threads -c 8``.
 
-The broker URL and the name prefix come from the environment the runner sets
-(``BENCH_BROKER_URL``, ``BENCH_PREFIX``); the producer builds its own apps
+The broker URL, the records Redis and the name prefix come from the
+environment the runner sets (``BENCH_BROKER_URL``, ``BENCH_RECORDS_URL``,
+``BENCH_PREFIX``); the producer builds its own apps
 with :func:`make_bulkhead_app` / :func:`make_plain_app` and the same prefix.
 
 Both tasks take ``(seq, submitted_at, seconds)``, sleep ``seconds`` and then
 append ``[task kind, seq, submitted_at, done_at]`` (wall-clock seconds) to
-the Redis list ``<prefix>:<kind>``; a negative ``seq`` is a warm-up and goes
+the list ``<prefix>:<kind>`` in the records Redis; a negative ``seq`` is a warm-up and goes
 to ``<prefix>:warm`` instead.
 """
 
@@ -24,7 +25,13 @@ import time
 from typing import Any
 
 import redis
-from _runner import BROKER_URLS, ENV_BROKER, ENV_PREFIX, RECORDS_URL, celery_settings
+from _runner import (
+    ENV_BROKER,
+    ENV_PREFIX,
+    celery_settings,
+    default_broker_url,
+    records_url_for,
+)
 from celery import Celery
 
 from celery_bulkhead import Bulkhead, Pool
@@ -56,9 +63,13 @@ def records_key(prefix: str, kind: str) -> str:
 
 
 def _define_tasks(
-    app: Celery, prefix: str, fast_options: dict[str, Any], slow_options: dict[str, Any]
+    app: Celery,
+    broker_url: str,
+    prefix: str,
+    fast_options: dict[str, Any],
+    slow_options: dict[str, Any],
 ) -> None:
-    records = redis.Redis.from_url(RECORDS_URL)
+    records = redis.Redis.from_url(records_url_for(broker_url))
 
     def record(kind: str, seq: int, submitted_at: float) -> None:
         key = records_key(prefix, "warm" if seq < 0 else kind)
@@ -101,7 +112,7 @@ def make_bulkhead_app(broker_url: str, prefix: str) -> Celery:
             ),
         ],
     )
-    _define_tasks(app, prefix, {"bulkhead": "fast"}, {"bulkhead": "slow"})
+    _define_tasks(app, broker_url, prefix, {"bulkhead": "fast"}, {"bulkhead": "slow"})
     return app
 
 
@@ -114,11 +125,11 @@ def make_plain_app(broker_url: str, prefix: str) -> Celery:
         task_default_queue=queue, task_default_exchange=queue, task_default_routing_key=queue
     )
     app.conf.update(settings)
-    _define_tasks(app, prefix, {}, {})
+    _define_tasks(app, broker_url, prefix, {}, {})
     return app
 
 
-_broker_url = os.environ.get(ENV_BROKER, BROKER_URLS["redis"])
+_broker_url = os.environ.get(ENV_BROKER) or default_broker_url()
 _prefix = os.environ.get(ENV_PREFIX, "bench-isolation")
 bulkhead_app = make_bulkhead_app(_broker_url, _prefix)
 plain_app = make_plain_app(_broker_url, _prefix)

@@ -71,8 +71,10 @@ from _runner import (
     HardLimitExceeded,
     Run,
     base_parser,
+    parse_args,
     percentile,
     print_table,
+    public_args,
     wait_for,
     write_json,
 )
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         help="interleaved rounds (even: each measurement goes first equally often)",
     )
     parser.add_argument("--warmup", type=int, default=200, help="untimed calls first")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.n < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--n and --rounds must be >= 1, --warmup >= 0")
     try:
@@ -324,9 +326,15 @@ def measure(args: Any) -> int:
     per_round = len(measurements) * ((args.n + args.warmup) / 200.0 + 10.0)
     hard_limit = args.hard_limit or args.rounds * per_round + 60.0
     results: list[Result] = []
-    with Run("publish", args.broker, hard_limit=hard_limit, keep_logs=args.keep_logs) as run:
+    with Run(
+        "publish",
+        args.broker_url,
+        records_url=args.records_url,
+        hard_limit=hard_limit,
+        keep_logs=args.keep_logs,
+    ) as run:
         print(
-            f"publish bench on {args.broker} (prefix {run.prefix}); measurements "
+            f"publish bench on {args.broker} at {run.where} (prefix {run.prefix}); measurements "
             f"{', '.join(m.key for m in measurements)}; hard limit {hard_limit:.0f} s",
             flush=True,
         )
@@ -350,7 +358,7 @@ def measure(args: Any) -> int:
             args.json,
             {
                 "bench": "publish",
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "args": public_args(args),
                 "settings": {"cap": CAP, "measurements": [m.key for m in measurements]},
                 "ratios": ratios,
                 "results": [asdict(r) for r in results],

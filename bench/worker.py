@@ -8,7 +8,7 @@ producer polls the queue depth (Redis ``LLEN``; RabbitMQ a passive
 ``queue.declare``'s message count) every 2 ms.  The drain starts at the
 first poll that sees the depth below what was loaded (``t0``, with ``d0``
 messages still queued) and ends when ``mark`` -- FIFO, so the last message
-taken -- writes its run time to Redis db 12.  Reported per measurement:
+taken -- writes its run time to the records Redis.  Reported per measurement:
 
 * **tasks/s until last task done** = ``d0 / (mark time - t0)``, the headline;
 * tasks/s until queue empty = ``d0 / (first poll seeing depth 0 - t0)``;
@@ -77,7 +77,9 @@ from _runner import (
     Run,
     base_parser,
     free_port,
+    parse_args,
     print_table,
+    public_args,
     wait_for,
     write_json,
 )
@@ -132,11 +134,11 @@ class Depth:
         self.run = run
         self.queue = queue
         self._conn: Any = None
-        if run.broker == "redis":
+        if run.broker_redis is not None:
             # kombu's global_keyprefix: the queue's list is "<prefix>:<queue>".
             key = f"{prefix}:{queue}"
-            records = run.records
-            self.read: Callable[[], int] = lambda: int(records.llen(key))
+            broker = run.broker_redis
+            self.read: Callable[[], int] = lambda: int(broker.llen(key))
         else:
             self._conn = app.connection_for_read()
             self._channel: Any = self._conn.channel()
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1000,
         help="tasks in one untimed A and B drain first (0: none)",
     )
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.n < 1 or args.rounds < 1 or args.concurrency < 1 or args.warmup < 0:
         parser.error("--n, --rounds and --concurrency must be >= 1, --warmup >= 0")
     try:
@@ -454,10 +456,17 @@ def measure(args: Any) -> int:
     warmup = 2 * per_drain(args.warmup) if args.warmup else 0.0
     hard_limit = args.hard_limit or 2 * args.rounds * per_drain(args.n) + warmup + 60.0
     results: list[Drain] = []
-    with Run("worker", args.broker, hard_limit=hard_limit, keep_logs=args.keep_logs) as run:
+    with Run(
+        "worker",
+        args.broker_url,
+        records_url=args.records_url,
+        hard_limit=hard_limit,
+        keep_logs=args.keep_logs,
+    ) as run:
         print(
-            f"worker drain bench on {args.broker} (prefix {run.prefix}); -P {args.pool} "
-            f"-c {args.concurrency}, {args.n} no-ops per drain; hard limit {hard_limit:.0f} s",
+            f"worker drain bench on {args.broker} at {run.where} (prefix {run.prefix}); "
+            f"-P {args.pool} -c {args.concurrency}, {args.n} no-ops per drain; "
+            f"hard limit {hard_limit:.0f} s",
             flush=True,
         )
         started = time.monotonic()
@@ -491,7 +500,7 @@ def measure(args: Any) -> int:
             args.json,
             {
                 "bench": "worker",
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "args": public_args(args),
                 "settings": {"prefetch_multiplier": PREFETCH_MULTIPLIER, "goal": GOAL},
                 "ratios": ratios,
                 "results": [asdict(r) for r in results],

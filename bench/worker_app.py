@@ -8,8 +8,9 @@
   default ``prefetch_multiplier=4`` and ``acks_late=False``, served by the
   same worker command plus ``--bulkhead-pool drain --bulkhead-metrics-port P``.
 
-The broker URL and the name prefix come from the environment the runner sets
-(``BENCH_BROKER_URL``, ``BENCH_PREFIX``); the pool's execution pool and
+The broker URL, the records Redis and the name prefix come from the
+environment the runner sets (``BENCH_BROKER_URL``, ``BENCH_RECORDS_URL``,
+``BENCH_PREFIX``); the pool's execution pool and
 concurrency from ``BENCH_WORKER_POOL`` / ``BENCH_CONCURRENCY`` (they only
 show up in the bootstep's metrics and ``info()``; the worker command line
 sets ``-P``/``-c`` for both apps alike).
@@ -27,7 +28,13 @@ import time
 from typing import Any
 
 import redis
-from _runner import BROKER_URLS, ENV_BROKER, ENV_PREFIX, RECORDS_URL, celery_settings
+from _runner import (
+    ENV_BROKER,
+    ENV_PREFIX,
+    celery_settings,
+    default_broker_url,
+    records_url_for,
+)
 from celery import Celery
 
 from celery_bulkhead import Bulkhead, Pool
@@ -62,12 +69,12 @@ def queue_name(prefix: str, kind: str) -> str:
 
 
 def mark_key(prefix: str) -> str:
-    """The Redis key (db 12) the ``mark`` task writes its run time to."""
+    """The key in the records Redis the ``mark`` task writes its run time to."""
     return f"{prefix}:mark"
 
 
-def _define_tasks(app: Celery, prefix: str, **options: Any) -> None:
-    records = redis.Redis.from_url(RECORDS_URL)
+def _define_tasks(app: Celery, broker_url: str, prefix: str, **options: Any) -> None:
+    records = redis.Redis.from_url(records_url_for(broker_url))
     key = mark_key(prefix)
 
     # shared=False: several apps in one process register the same task names.
@@ -89,7 +96,7 @@ def make_plain_app(broker_url: str, prefix: str) -> Celery:
         task_default_queue=queue, task_default_exchange=queue, task_default_routing_key=queue
     )
     app.conf.update(settings)
-    _define_tasks(app, prefix)
+    _define_tasks(app, broker_url, prefix)
     return app
 
 
@@ -112,11 +119,11 @@ def make_bulkhead_app(
             )
         ],
     )
-    _define_tasks(app, prefix, bulkhead=POOL_NAME)
+    _define_tasks(app, broker_url, prefix, bulkhead=POOL_NAME)
     return app
 
 
-_broker_url = os.environ.get(ENV_BROKER, BROKER_URLS["redis"])
+_broker_url = os.environ.get(ENV_BROKER) or default_broker_url()
 _prefix = os.environ.get(ENV_PREFIX, "bench-worker")
 plain_app = make_plain_app(_broker_url, _prefix)
 bulkhead_app = make_bulkhead_app(

@@ -13,19 +13,33 @@ one slow dependency or one flood of work cannot take another pool's slots::
 Then run ``celery -A app bulkhead worker``.
 """
 
+from .breaker import Breaker
 from .bulkhead import Bulkhead
-from .errors import BrokerUnavailable, BulkheadError, ConfigurationError, PoolFull, Rejected
+from .errors import (
+    BrokerUnavailable,
+    BulkheadError,
+    CircuitOpen,
+    ConfigurationError,
+    PoolFull,
+    Rejected,
+    TenantLimited,
+)
 from .pool import Pool
 from .results import DroppedResult
+from .tenants import TenantLimit
 
 __all__ = [
+    "Breaker",
     "BrokerUnavailable",
     "Bulkhead",
     "BulkheadError",
+    "CircuitOpen",
     "ConfigurationError",
     "DroppedResult",
     "Pool",
     "PoolFull",
     "Rejected",
+    "TenantLimit",
+    "TenantLimited",
 ]
 __version__ = "0.1.0"

@@ -6,18 +6,25 @@ own ``send_task_message`` once the message is built and routed.  The
 publish then goes through a short list of gates, each answering
 *admit*, *refuse* or *defer* with a reason (:class:`Decision`):
 
-1. **bypass** (never refused): a pool without a cap; a task's own retry
-   (``self.retry``) and the later steps of work already admitted (the next
-   step of a chain, a link callback or errback, a chord's body).  Refusing
-   those would lose work.  In a capped pool they go to the pool's
+1. **bypass** (never refused): a pool with nothing to check; a task's own
+   retry (``self.retry``) and the later steps of work already admitted (the
+   next step of a chain, a link callback or errback, a chord's body).
+   Refusing those would lose work.  In a capped pool they go to the pool's
    *continuation queue* ``<queue>.continue``, which has no cap and is
    consumed by the same workers, so the cap itself stays exact;
-2. **cap**: the publish itself, admitted only while the queue holds fewer
+2. **breaker**: with ``Breaker(fail_fast_at_submit=True)``, an open breaker
+   raises :class:`CircuitOpen` (its state as this process last saw it, at
+   most ``cache_seconds`` old: no Redis call per publish);
+3. **tenant**: the task's tenant spends a token of its
+   :class:`~celery_bulkhead.TenantLimit` or meets ``on_limited``
+   (:class:`TenantLimited`, a drop, or a deferral); on a Redis broker that
+   holds the tenant state, in the same Lua call as the cap and the push;
+4. **cap**: the publish itself, admitted only while the queue holds fewer
    than ``max_queue`` ready messages, checked atomically with the push
    (:mod:`celery_bulkhead.caps`: Redis, one Lua call; RabbitMQ,
    ``x-max-length`` with ``reject-publish`` and publisher confirms;
    ``memory://``, under a process-wide lock);
-3. **on_full**, when the cap refused: ``reject`` raises :class:`PoolFull`,
+5. **on_full**, when the cap refused: ``reject`` raises :class:`PoolFull`,
    ``drop`` returns a :class:`DroppedResult` (counted and logged), ``block``
    tries the cap again with a growing pause (5 ms to 100 ms) until room
    appears or ``block_timeout`` passes, then rejects.
@@ -41,25 +48,41 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import LimitExceeded, OperationalError
 
 from . import caps, message
-from .caps import CURRENT, HOOKED_TRANSPORTS, CappedPush, QueueFull
+from .breaker import OPEN
+from .caps import CURRENT, HOOKED_TRANSPORTS, CappedPush, QueueFull, TenantRefused
 from .caps.amqp import ConfirmingProducers, mismatch_error
-from .errors import BrokerUnavailable, PoolFull
+from .errors import (
+    BrokerUnavailable,
+    CircuitOpen,
+    ConfigurationError,
+    PoolFull,
+    Rejected,
+    TenantLimited,
+)
 from .followups import bypass_reason, mark_follow_ups
-from .metrics import DropLog, count_admission
+from .metrics import DropLog, count_admission, count_throttled
 from .results import fail_canvas_results
 from .routing import consumed_queues, continuation_queue, pool_queue
+from .tenants import HEADER_PREFIX, bucket_key
+from .tenants.limiter import same_redis
 
 if TYPE_CHECKING:
     from celery import Celery
     from kombu import Queue
 
+    from .breaker import Circuit
     from .pool import Pool
+    from .tenants import TenantLimit
+    from .tenants.limiter import Limiter
 
 __all__ = ["STARTED", "Admission", "Decision", "Dropped"]
 
 Sender = Callable[..., Any]
 
 _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
+#: The "cap" of a one-call tenant push into a pool without max_queue.
+_NO_CAP = 2**62
+_TENANT_PUSHES = 10_000
 
 #: When the publish in progress started (monotonic): set around the producer
 #: acquire by :mod:`celery_bulkhead.publishing`, so one deadline covers the
@@ -73,12 +96,14 @@ class Decision:
     """What a gate says of a publish: ``admit``, ``refuse`` or ``defer``, and why.
 
     ``reason`` is the ``reason`` label of ``celery_bulkhead_admissions_total``;
-    ``depth`` is the queue depth a refusing cap saw.
+    ``depth`` is the queue depth a refusing cap saw; ``wait`` the seconds until
+    a refused tenant's next token.
     """
 
     verdict: str
     reason: str
     depth: int = 0
+    wait: float = 0.0
 
     @property
     def admitted(self) -> bool:
@@ -95,7 +120,7 @@ _AFTER_WAIT = Decision("admit", "after_wait")
 class Dropped(Exception):
     """Internal: raised through Celery's send_task to return a DroppedResult."""
 
-    def __init__(self, error: PoolFull) -> None:
+    def __init__(self, error: Rejected) -> None:
         self.error = error
         super().__init__(str(error))
 
@@ -103,10 +128,36 @@ class Dropped(Exception):
 class Admission:
     """Applies the pools' gates to publishes (one per Bulkhead)."""
 
-    def __init__(self, app: Celery, pools: Mapping[str, Pool], publish_timeout: float) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        pools: Mapping[str, Pool],
+        publish_timeout: float,
+        limiter: Limiter | None = None,
+        circuits: Mapping[str, Circuit] | None = None,
+    ) -> None:
         self.app = app
+        self.limiter = limiter
+        #: Pool name -> its breaker's circuit.
+        self.circuits: dict[str, Circuit] = {}
+        for pool in pools.values():
+            if pool.breaker is not None and circuits is not None:
+                self.circuits[pool.name] = circuits[pool.breaker.name or pool.name]
+        #: Queues of the pools whose publishes go through more than gate 1.
+        self._gated = {
+            pool.queue
+            for pool in pools.values()
+            if pool.max_queue is not None
+            or pool.tenant is not None
+            or (pool.breaker is not None and pool.breaker.fail_fast_at_submit)
+        }
         self.publish_timeout = publish_timeout
         self.by_queue: dict[str, Pool] = {pool.queue: pool for pool in pools.values()}
+        #: Every queue a pool's workers consume (its own, its continuation
+        #: queue) -> the pool: a publish by queue name to any of them is the pool's.
+        self.by_consumed: dict[str, Pool] = {
+            queue: pool for pool in pools.values() for queue in consumed_queues(pool)
+        }
         #: (exchange, routing key) -> pool, for every way a publish reaches a
         #: pool's queues: its own direct exchange, and the default exchange
         #: (routing by queue name).  Continuation queues count as the pool's.
@@ -128,6 +179,8 @@ class Admission:
             for pool in pools.values()
             if pool.max_queue is not None
         }
+        self._one_call_pools: dict[str, bool] = {}
+        self._tenant_pushes: dict[tuple[str, str], CappedPush] = {}
         self._confirming = ConfirmingProducers(app, connect_timeout=publish_timeout)
         self._driver: str | None = None
         self._drops = DropLog()
@@ -207,7 +260,7 @@ class Admission:
         mark_follow_ups(task_message)
         queue = options.get("queue")
         if options.get("exchange") is None and not options.get("routing_key"):
-            pool = self.by_queue.get(str(getattr(queue, "name", queue)))
+            pool = self.by_consumed.get(str(getattr(queue, "name", queue)))
         else:
             pool = self._routed_by_exchange(queue, options)
         if pool is None:
@@ -220,11 +273,11 @@ class Admission:
             # this: they must not carry the first publish's time.
             options["headers"] = {**extra, message.PUBLISHED_AT: now}
 
-        # Gate 1: bypass.
+        # Gate 1: bypass (a pool with no gates; a retry; a continuation).
         decision = self._bypass(pool, headers, options)
         if decision is not None:
             count_admission(pool.name, "admitted", decision.reason)
-            if decision is not _UNCAPPED:
+            if decision is not _UNCAPPED and pool.max_queue is not None:
                 follow_up = self.continuation_queues[pool.queue]
                 options = dict(
                     options,
@@ -234,7 +287,30 @@ class Admission:
                 )
             return original(producer, name, task_message, **options)
 
-        # Gates 2 and 3: the cap, then on_full when it refuses.
+        # Gate 2: an open breaker fails fast (when the pool asks for it).
+        circuit = self.circuits.get(pool.name)
+        if circuit is not None and circuit.breaker.fail_fast_at_submit:
+            state, retry_after = circuit.state()
+            if state == OPEN and retry_after > 0:
+                count_admission(pool.name, "rejected", "circuit_open")
+                raise CircuitOpen(pool.name, circuit.name, retry_after, task_id=headers.get("id"))
+
+        # Gate 3: the tenant's budget (reject, drop or defer when spent).  On a
+        # Redis broker holding the tenant state too, it is spent by the cap's
+        # own call below (one round trip); elsewhere with one call of its own.
+        push = self._pushes.get(pool.queue)
+        tenant = ""
+        if pool.tenant is not None and pool.tenant.at_submit:
+            tenant = self._tenant_id(pool, name, task_message, options)
+            if self._one_call(pool):
+                push = self._tenant_push(pool, tenant)
+            else:
+                self._tenant(pool, tenant, task_message)
+        if push is None:
+            count_admission(pool.name, "admitted", "uncapped")
+            return original(producer, name, task_message, **options)
+
+        # Gates 4 and 5: the cap, then on_full when it refuses.
         started = STARTED.get()
         deadline = (time.monotonic() if started is None else started) + self.publish_timeout
         if getattr(queue, "name", queue) != pool.queue:
@@ -246,11 +322,15 @@ class Admission:
             )
         options["retry"] = False  # retried here, within the deadline
         members = self._group_members(headers.get("group"))
-        decision = self._cap(pool, original, producer, name, task_message, options, deadline)
-        if not decision.admitted:
+        decision = self._cap(
+            pool, original, producer, name, task_message, options, deadline, push=push
+        )
+        if not decision.admitted and decision.reason != "tenant_limited":
             decision = self._on_full(
-                pool, decision, original, producer, name, task_message, options, deadline
+                pool, decision, original, producer, name, task_message, options, deadline, push
             )
+        if decision.reason == "tenant_limited":
+            self._limited(pool, tenant, decision.wait, task_message)
         count_admission(pool.name, "admitted", decision.reason)
         if members is not None:
             members.append(headers["id"])
@@ -276,13 +356,109 @@ class Admission:
     def _bypass(
         self, pool: Pool, headers: Mapping[str, Any], options: Mapping[str, Any]
     ) -> Decision | None:
-        """Gate 1: admit without a cap (an uncapped pool, a retry, a continuation)."""
-        if pool.max_queue is None:
+        """Gate 1: admit without a cap (an unlimited pool, a retry, a continuation)."""
+        if pool.queue not in self._gated:
             return _UNCAPPED
         reason = bypass_reason(self.app, headers, self.in_worker, options.get("headers"))
         if reason is None:
             return None
         return _RETRY if reason == "retry" else _CONTINUATION
+
+    def _tenant_id(
+        self, pool: Pool, name: str, task_message: Any, options: Mapping[str, Any]
+    ) -> str:
+        """The publish's tenant id, checked (a ConfigurationError naming the pool if bad)."""
+        limit = pool.tenant
+        assert limit is not None
+        headers: Mapping[str, Any] = message.headers(task_message)
+        args, kwargs = message.arguments(task_message)
+        extra = options.get("headers")
+        if extra and isinstance(limit.key, str) and limit.key.startswith(HEADER_PREFIX):
+            headers = {**headers, **extra}  # the headers= option, merged by Celery later
+        try:
+            return limit.tenant_of(args, kwargs, headers, name)
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                pool.name, exc.setting, exc.value, exc.allowed, detail=exc.detail
+            ) from exc.__cause__
+
+    def _one_call(self, pool: Pool) -> bool:
+        """Whether the tenant's token is spent in the cap's own Lua call."""
+        one = self._one_call_pools.get(pool.queue)
+        if one is None:
+            limit = pool.tenant
+            one = (
+                limit is not None
+                and limit.on_limited != "defer"  # a reservation rewrites the message's ETA
+                and self.driver == "redis"
+                and self.limiter is not None
+                and same_redis(self.limiter.state_url, self.app)
+            )
+            self._one_call_pools[pool.queue] = one
+        return one
+
+    def _tenant_push(self, pool: Pool, tenant: str) -> CappedPush:
+        """The one-call push of ``tenant``'s publishes into ``pool`` (a bounded cache)."""
+        key = (pool.queue, tenant)
+        push = self._tenant_pushes.get(key)
+        if push is None:
+            limit = pool.tenant
+            assert limit is not None and limit.burst is not None
+            interval = str(max(1, round(limit.interval * 1_000_000))).encode()
+            bucket = (bucket_key(pool.name, tenant), interval, str(limit.burst).encode())
+            push = CappedPush(pool.queue, pool.max_queue or _NO_CAP, bucket)
+            if len(self._tenant_pushes) >= _TENANT_PUSHES:
+                self._tenant_pushes.clear()  # tenants are unbounded: so is nothing here
+            self._tenant_pushes[key] = push
+        return push
+
+    def _tenant(self, pool: Pool, tenant: str, task_message: Any) -> None:
+        """Gate 3 with its own store call: spend a token, or apply ``on_limited``."""
+        limit = pool.tenant
+        assert limit is not None and self.limiter is not None
+        deferring = limit.on_limited == "defer"
+        taken = self.limiter.take(pool, tenant, self._horizon(limit) if deferring else 0.0)
+        if taken is None:  # the state store did not answer in time
+            count_admission(pool.name, "error", "state_unavailable")
+            if limit.on_state_error == "allow":
+                return
+            count_admission(pool.name, "rejected", "state_unavailable")
+            task_id = message.headers(task_message).get("id")
+            raise TenantLimited(pool.name, tenant, 1.0, task_id=task_id)
+        if taken.allowed and not taken.wait:
+            return
+        if taken.allowed:  # a slot reserved taken.wait seconds ahead: publish it for then
+            count_throttled(pool.name, "producer")
+            self.limiter.note_throttled(pool, tenant)
+            message.defer(task_message, taken.wait)
+            count_admission(pool.name, "deferred", "tenant_limited")
+            return
+        self._limited(pool, tenant, taken.wait, task_message)
+
+    def _limited(self, pool: Pool, tenant: str, wait: float, task_message: Any) -> None:
+        """The tenant is over its limit: ``on_limited`` (reject or drop), counted."""
+        limit = pool.tenant
+        assert limit is not None and self.limiter is not None
+        count_throttled(pool.name, "producer")
+        self.limiter.note_throttled(pool, tenant)
+        headers = message.headers(task_message)
+        error = TenantLimited(pool.name, tenant, wait, task_id=headers.get("id"))
+        if limit.on_limited == "drop" and not message.in_chord(task_message):
+            count_admission(pool.name, "dropped", "tenant_limited")
+            fail_canvas_results(self.app, headers, task_message, error)
+            raise Dropped(error)
+        count_admission(pool.name, "rejected", "tenant_limited")
+        raise error
+
+    def _horizon(self, limit: TenantLimit) -> float:
+        """How far ahead a deferred task may be scheduled: ``max_defer``, and on Redis
+        under half the transport's ``visibility_timeout`` (a message held longer
+        than that by a worker waiting for its ETA would be delivered twice)."""
+        if self.driver != "redis":
+            return limit.max_defer
+        options = self.app.conf.broker_transport_options or {}
+        visibility = float(options.get("visibility_timeout", 3600))
+        return min(limit.max_defer, visibility / 2)
 
     def _cap(
         self,
@@ -294,16 +470,32 @@ class Admission:
         options: dict[str, Any],
         deadline: float,
         admitted: Decision = _BELOW_CAP,
+        *,
+        push: CappedPush | None = None,
     ) -> Decision:
-        """Gate 2: publish below the cap (retrying broker errors until ``deadline``)."""
+        """Gate 4: publish below the cap (retrying broker errors until ``deadline``).
+
+        ``push`` carries the cap to the transport hook, and on Redis maybe the
+        tenant's bucket too (then the answer may be ``tenant_limited``).
+        """
         pause = _BACKOFF_MIN
         while True:
             try:
                 if self.driver in HOOKED_TRANSPORTS:
-                    self._connect(producer.connection, deadline)
-                    depth = self._publish_hooked(
-                        pool, original, producer, name, task_message, options
-                    )
+                    # Redis: the reconnect and the push within the time left (a retry, a block
+                    # attempt, a publish that waited for a producer), not the fixed socket timeout.
+                    with caps.within(self.driver, producer.connection, deadline):
+                        self._connect(producer.connection, deadline)
+                        token = CURRENT.set(push or self._pushes[pool.queue])
+                        try:
+                            original(producer, name, task_message, **options)
+                        except QueueFull as full:
+                            return Decision("refuse", "queue_full", full.depth)
+                        except TenantRefused as limited:
+                            return Decision("refuse", "tenant_limited", wait=limited.wait)
+                        finally:
+                            CURRENT.reset(token)
+                        return admitted
                 else:
                     caps.check_transport(pool, self.driver)
                     depth = self._publish_amqp(
@@ -334,8 +526,9 @@ class Admission:
         task_message: Any,
         options: dict[str, Any],
         deadline: float,
+        push: CappedPush | None = None,
     ) -> Decision:
-        """Gate 3: the pool's ``on_full`` policy, once the cap refused."""
+        """Gate 5: the pool's ``on_full`` policy, once the cap refused."""
         assert pool.max_queue is not None
         started = time.monotonic()
         if pool.on_full == "block":
@@ -346,9 +539,17 @@ class Admission:
                 time.sleep(pause)
                 pause = min(pause * 2, _BACKOFF_MAX)
                 refused = self._cap(
-                    pool, original, producer, name, task_message, options, broker_by, _AFTER_WAIT
+                    pool,
+                    original,
+                    producer,
+                    name,
+                    task_message,
+                    options,
+                    broker_by,
+                    _AFTER_WAIT,
+                    push=push,
                 )
-                if refused.admitted:
+                if refused.admitted or refused.reason == "tenant_limited":
                     return refused
         headers = message.headers(task_message)
         error = PoolFull(
@@ -369,25 +570,6 @@ class Admission:
         reason = "block_timeout" if pool.on_full == "block" else "queue_full"
         count_admission(pool.name, "rejected", reason)
         raise error
-
-    def _publish_hooked(
-        self,
-        pool: Pool,
-        original: Sender,
-        producer: Any,
-        name: str,
-        task_message: Any,
-        options: dict[str, Any],
-    ) -> int | None:
-        """Publish through a ``_put`` hook; None when admitted, else the depth."""
-        token = CURRENT.set(self._pushes[pool.queue])
-        try:
-            original(producer, name, task_message, **options)
-        except QueueFull as full:
-            return full.depth
-        finally:
-            CURRENT.reset(token)
-        return None
 
     def _publish_amqp(
         self,

@@ -11,6 +11,7 @@ guessing would route work to the wrong workers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any
@@ -65,21 +66,48 @@ class Assignment:
                         detail=f"pool {first_pool.name!r} already claims {first!r}",
                     )
 
-    def pool(self, name: Any, *, setting: str = TASK_ATTRIBUTE) -> Pool:
-        """Return the pool called ``name`` or raise a ConfigurationError."""
+    def pool(
+        self,
+        name: Any,
+        *,
+        setting: str = TASK_ATTRIBUTE,
+        task: str | None = None,
+        module: str | None = None,
+    ) -> Pool:
+        """Return the pool called ``name`` or raise a ConfigurationError.
+
+        ``task`` and ``module`` name the task that asked for the pool, when
+        there is one: the error then says which task to fix and where it is.
+        """
         try:
             return self._pools[name]
         except (KeyError, TypeError):
-            allowed = (
-                "one of " + ", ".join(repr(n) for n in self._pools)
-                if self._pools
-                else ("no pools are declared")
-            )
-            raise ConfigurationError(None, setting, name, allowed, detail="unknown pool") from None
+            raise self._unknown(name, setting, task, module) from None
 
-    def assign(self, task_name: str, pool_name: Any) -> Pool:
-        """Record that ``task_name`` was decorated into ``pool_name``."""
-        pool = self.pool(pool_name)
+    def _unknown(
+        self, name: Any, setting: str, task: str | None, module: str | None
+    ) -> ConfigurationError:
+        allowed = (
+            "one of " + ", ".join(repr(n) for n in self._pools)
+            if self._pools
+            else "no pools are declared"
+        )
+        detail = "unknown pool"
+        if isinstance(name, str):
+            close = get_close_matches(name, list(self._pools), n=1)
+            if close:
+                detail += f"; did you mean {close[0]!r}?"
+        error = ConfigurationError(None, setting, name, allowed, detail=detail)
+        if task is not None:
+            # The error is about a task, not a pool: say which one and where
+            # it is defined, so a typo in one of many task modules is found.
+            where = f"task {task!r}" + (f" (module {module})" if module else "")
+            error.args = (f"{where}: {error}",)
+        return error
+
+    def assign(self, task_name: str, pool_name: Any, *, module: str | None = None) -> Pool:
+        """Record that ``task_name`` (defined in ``module``) was decorated into ``pool_name``."""
+        pool = self.pool(pool_name, task=task_name, module=module)
         self._named[task_name] = pool
         return pool
 
@@ -103,7 +131,12 @@ class Assignment:
         """
         explicit = getattr(task, TASK_ATTRIBUTE, None) if task is not None else None
         if explicit is not None:
-            return self.pool(explicit)
+            try:
+                return self._pools[explicit]
+            except (KeyError, TypeError):
+                module = getattr(task, "__module__", None)
+                module = module if isinstance(module, str) else None
+                raise self._unknown(explicit, TASK_ATTRIBUTE, str(name), module) from None
         if not isinstance(name, str):
             return None
         named = self._named.get(name)

@@ -19,11 +19,13 @@ import click
 from . import settings
 from .admission import Admission
 from .assignment import TASK_ATTRIBUTE, Assignment
+from .breaker import Circuit, circuits
 from .caps import check_transport, require_driver, transport_of
 from .errors import ConfigurationError
 from .pool import Pool, pools_from_setting
 from .publishing import install_publishing, install_timeouts
 from .routing import install_routing
+from .tenants.limiter import Limiter
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -36,6 +38,51 @@ _APP_ATTRIBUTE = "_celery_bulkhead"
 #: The worker bootstep, by name: producers never import the worker side.
 _WORKER_STEP = "celery_bulkhead.worker.step:PoolWorkerStep"
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _state_url(app: Celery, conf: settings.Settings, driver: str | None, pools: Any) -> str:
+    """Where tenant state lives: the setting, else the broker's Redis, else in-process."""
+    if conf.state_url is not None:
+        return conf.state_url
+    if driver == "memory":
+        return "memory://"
+    url = app.conf.broker_write_url or app.conf.broker_url or ""
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else ""
+    url = str(url).split(";", 1)[0]
+    if driver == "redis" and url.lower().startswith(("redis://", "rediss://", "unix://")):
+        return url
+    pool = next(p for p in pools if p.tenant is not None or p.breaker is not None)
+    what = "a tenant limit" if pool.tenant is not None else "a breaker"
+    raise ConfigurationError(
+        pool.name,
+        settings.STATE_URL,
+        None,
+        "the URL of a Redis for shared state (redis://host:port/db)",
+        detail=f"{what} keeps its state in Redis, and this broker is not one: "
+        "set bulkhead_state_url (Django: CELERY_BULKHEAD_STATE_URL)",
+    )
+
+
+def _breaker_store(state_url: str, timeout: float) -> Callable[[], Any]:
+    """A factory of the breaker store: one store, shared by every circuit of the app."""
+    if state_url.startswith("memory://"):
+        from .breaker.memory import MemoryBreakerStore
+
+        store: Any = MemoryBreakerStore()
+    else:
+        from .breaker.redis import RedisBreakerStore
+
+        store = RedisBreakerStore(state_url, timeout)
+    return lambda: store
+
+
+def _trial_lease(pool: Pool) -> float:
+    """How long a half-open trial may hold its lease: the task's longest run, and then some."""
+    assert pool.breaker is not None
+    if pool.time_limit is not None:
+        return pool.time_limit + 60.0
+    return max(60.0, pool.breaker.reset_timeout)
 
 
 def installed_on(app: Celery) -> Bulkhead:
@@ -99,7 +146,24 @@ class Bulkhead:
             check_transport(pool, driver)
         self.assignment = Assignment(parsed)
         self.publish_timeout = self.settings.publish_timeout
-        self.admission = Admission(app, self.assignment.pools, self.publish_timeout)
+        #: Tenant buckets and leases, when some pool has a TenantLimit.
+        self.limiter: Limiter | None = None
+        #: One circuit per breaker name (pools may share one downstream's breaker).
+        self.circuits: dict[str, Circuit] = {}
+        if any(pool.tenant is not None or pool.breaker is not None for pool in parsed):
+            state_url = _state_url(app, self.settings, driver, parsed)
+            if any(pool.tenant is not None for pool in parsed):
+                self.limiter = Limiter(state_url, self.publish_timeout)
+            self.circuits = circuits(
+                parsed, _breaker_store(state_url, self.publish_timeout), _trial_lease
+            )
+        self.admission = Admission(
+            app,
+            self.assignment.pools,
+            self.publish_timeout,
+            limiter=self.limiter,
+            circuits=self.circuits,
+        )
         #: First metrics port: pool i (in declaration order) serves on port + i.
         self.metrics_port: int | None = self.settings.metrics_port
         self.metrics_host: str = self.settings.metrics_host
@@ -177,12 +241,12 @@ class Bulkhead:
         def assign(fun: Any, options: dict[str, Any]) -> None:
             # The name Celery will give the task (Celery._task_from_fun).
             name = options.get("name") or app.gen_task_name(fun.__name__, fun.__module__)
-            assignment.assign(name, options[TASK_ATTRIBUTE])
+            # An unknown pool fails here, at decoration, naming the task and its module.
+            assignment.assign(name, options[TASK_ATTRIBUTE], module=fun.__module__)
 
         def task(*args: Any, **options: Any) -> Any:
             if options.get(TASK_ATTRIBUTE) is None:
                 return original(*args, **options)
-            assignment.pool(options[TASK_ATTRIBUTE])  # unknown pool: fail at decoration
             if len(args) == 1 and callable(args[0]):  # @app.task(fun, bulkhead=...)
                 assign(args[0], options)
                 return original(*args, **options)
@@ -236,6 +300,12 @@ class Bulkhead:
         for name, task in sorted(self.app.tasks.items()):
             if self.assignment.resolve(name, task) is target:
                 yield task
+
+    def circuit_of(self, pool: Pool) -> Circuit | None:
+        """The circuit breaker guarding ``pool``, if it has one."""
+        if pool.breaker is None:
+            return None
+        return self.circuits[pool.breaker.name or pool.name]
 
     def metrics_port_of(self, pool: Pool) -> int | None:
         """The metrics port of ``pool``'s worker: ``bulkhead_metrics_port`` + its index."""

@@ -11,6 +11,7 @@ import logging
 import shlex
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,10 +22,14 @@ from .bulkhead import Bulkhead, installed_on
 from .errors import ConfigurationError
 from .pool import Pool
 from .routing import consumed_queues
-from .status import collect
+from .status import Report, report, unknown
 from .supervisor import Supervisor, WorkerSpec
+from .tenants.limiter import Limiter
 
 __all__ = ["bulkhead"]
+
+#: Seconds `status` waits beyond its worst case before it reports the broker as unknown.
+_DEADLINE_SLACK = 2.0
 
 
 # -- per-pool `celery worker` command lines, for `worker` and `plan` --------------
@@ -216,23 +221,92 @@ def plan(ctx: click.Context, pools: tuple[str, ...], fmt: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def status(ctx: click.Context, pools: tuple[str, ...], timeout: float, as_json: bool) -> None:
-    """Per pool: queue, depth/cap, consumers, in-flight. Exit 1 if a pool has no consumer."""
+    """Per pool: queue, depth/cap, consumers, in-flight.
+
+    Exit 1 if a pool has no consumer, 2 if the broker cannot be reached (then
+    depth, consumers and in-flight are shown as unknown).
+    """
     bulkhead = _bulkhead(ctx)
-    statuses = collect(ctx.obj.app, _selected(bulkhead, pools), timeout)
+    selected = _selected(bulkhead, pools)
+    result = _report_within(ctx.obj.app, selected, timeout)
+    statuses = result.pools
+    throttled = _throttled(bulkhead, selected, timeout) if result.broker_error is None else {}
     if as_json:
-        click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
+        rows = [
+            {**s.as_dict(), **({"throttled": throttled[s.pool]} if s.pool in throttled else {})}
+            for s in statuses
+        ]
+        click.echo(json.dumps(rows, indent=2))
     else:
         header = f"{'POOL':<16} {'QUEUE':<32} {'DEPTH/CAP':>12} {'CONSUMERS':>9} {'IN-FLIGHT':>12}"
         click.echo(header)
         for s in statuses:
             depth = "?" if s.depth is None else str(s.depth)
             cap = "-" if s.cap is None else str(s.cap)
-            inflight = f"{s.inflight}/{s.concurrency * max(1, len(s.consumers))}"
+            consumers = "?" if s.consumers is None else str(len(s.consumers))
+            if s.inflight is None or s.consumers is None:
+                inflight = "?"
+            else:
+                inflight = f"{s.inflight}/{s.concurrency * max(1, len(s.consumers))}"
             click.echo(
-                f"{s.pool:<16} {s.queue:<32} {depth + '/' + cap:>12} {len(s.consumers):>9} "
-                f"{inflight:>12}"
+                f"{s.pool:<16} {s.queue:<32} {depth + '/' + cap:>12} {consumers:>9} {inflight:>12}"
             )
+        for name, tenants in throttled.items():
+            if tenants is None:
+                click.echo(f"{name}: most throttled tenants: ? (tenant state unreachable)")
+            elif tenants:
+                # ascii(): ids are untrusted; what reaches a terminal is escaped.
+                listed = ", ".join(f"{tenant!a} ({count})" for tenant, count in tenants)
+                click.echo(f"{name}: most throttled tenants (last 10 min): {listed}")
+    if result.broker_error is not None:
+        click.echo(f"{result.broker_error} (depth, consumers and in-flight unknown)", err=True)
+        ctx.exit(2)
     missing = [s.pool for s in statuses if not s.consumers]
     if missing:
         click.echo(f"no consumer for pool(s): {', '.join(missing)}", err=True)
         ctx.exit(1)
+
+
+def _throttled(
+    bulkhead: Bulkhead, pools: Sequence[Pool], timeout: float
+) -> dict[str, list[tuple[str, int]] | None]:
+    """The most throttled tenants of each pool with a tenant limit (None: state unreachable)."""
+    if bulkhead.limiter is None:
+        return {}
+    limiter = Limiter(bulkhead.limiter.state_url, timeout)
+    found: dict[str, list[tuple[str, int]] | None] = {}
+    for pool in pools:
+        if pool.tenant is None:
+            continue
+        try:
+            found[pool.name] = limiter.most_throttled(pool, 5)
+        except Exception:
+            found[pool.name] = None
+    return found
+
+
+def _report_within(app: Any, pools: list[Pool], timeout: float) -> Report:
+    """:func:`report`, given up on after its worst case (connect, then two inspect rounds).
+
+    The broker is probed before the workers are asked, but one that goes away
+    in between would leave Celery's remote control retrying its publish with no
+    limit: a status command must answer, so it answers "unknown" instead.
+    """
+    limit = 3 * timeout + _DEADLINE_SLACK
+    outcome: list[Report | Exception] = []
+
+    def run() -> None:
+        try:
+            outcome.append(report(app, pools, timeout))
+        except Exception as exc:  # re-raised in the command's thread
+            outcome.append(exc)
+
+    # A daemon thread: one stuck in a retry loop does not keep the command alive.
+    thread = threading.Thread(target=run, name="bulkhead-status", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if not outcome:
+        return unknown(pools, f"broker did not answer within {limit:g}s")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]

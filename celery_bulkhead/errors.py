@@ -7,7 +7,9 @@ Every error has one root, so ``except BulkheadError`` catches them all::
     ├── BrokerUnavailable      a pool publish could not reach the broker in time
     │                          (also a kombu OperationalError)
     └── Rejected               a publish was refused by admission
-        └── PoolFull           the pool's queue holds max_queue ready messages
+        ├── PoolFull           the pool's queue holds max_queue ready messages
+        ├── TenantLimited      the task's tenant is over its TenantLimit
+        └── CircuitOpen        the pool's breaker is open (fail fast)
 
 Errors carry data, not only a message: a ``ConfigurationError`` knows the pool,
 the setting, the value that was refused and what would have been allowed; a
@@ -20,7 +22,15 @@ from typing import Any
 
 from kombu.exceptions import OperationalError
 
-__all__ = ["BrokerUnavailable", "BulkheadError", "ConfigurationError", "PoolFull", "Rejected"]
+__all__ = [
+    "BrokerUnavailable",
+    "BulkheadError",
+    "CircuitOpen",
+    "ConfigurationError",
+    "PoolFull",
+    "Rejected",
+    "TenantLimited",
+]
 
 
 class BulkheadError(Exception):
@@ -49,7 +59,11 @@ class ConfigurationError(BulkheadError, ValueError):
         self.allowed = allowed
         self.detail = detail
         where = f"pool {pool!r}: " if pool is not None else ""
-        message = f"{where}invalid {setting}={value!r}; allowed: {allowed}"
+        try:
+            shown = repr(value)
+        except ValueError:  # an int beyond Python's digit limit for str()
+            shown = f"<{type(value).__name__} too large to show>"
+        message = f"{where}invalid {setting}={shown}; allowed: {allowed}"
         if detail:
             message = f"{message} ({detail})"
         super().__init__(message)
@@ -76,7 +90,12 @@ class BrokerUnavailable(BulkheadError, OperationalError):
 
 
 class Rejected(BulkheadError):
-    """A publish was refused by admission; nothing was enqueued."""
+    """A publish was refused by admission; nothing was enqueued.
+
+    ``pool`` is the pool's name; ``task_id`` the id of the refused task message.
+    """
+
+    task_id: str | None = None
 
     def __init__(self, pool: str, message: str) -> None:
         self.pool = pool
@@ -131,3 +150,54 @@ class PoolFull(Rejected):
         # What Celery's result backends keep of an exception is its args: with
         # these, a PoolFull stored as a task's failure comes back as a PoolFull.
         self.args = (pool, depth, cap)
+
+
+class TenantLimited(Rejected):
+    """The task's tenant is over its pool's :class:`~celery_bulkhead.TenantLimit`.
+
+    Attributes:
+        pool: the pool's name.
+        tenant: the tenant id (the caller's own value, normalised).  It is
+            kept out of the message, which may end up in logs.
+        retry_after: seconds until the tenant's next token is due (for an
+            in-flight cap: until the earliest running task's lease ends).
+        task_id: the id of the refused task message.
+    """
+
+    def __init__(
+        self, pool: str, tenant: str, retry_after: float, *, task_id: str | None = None
+    ) -> None:
+        self.tenant = tenant
+        self.retry_after = retry_after
+        self.task_id = task_id
+        super().__init__(
+            pool, f"pool {pool!r}: tenant over its limit, retry after {retry_after:.3g}s"
+        )
+        self.args = (pool, tenant, retry_after)
+
+
+class CircuitOpen(Rejected):
+    """The pool's circuit breaker is open: its downstream is failing.
+
+    Raised at publish time by a pool whose ``Breaker(fail_fast_at_submit=True)``
+    is open (so a web request can degrade instead of queueing doomed work), and
+    stored as the failure of a task that a worker did not run
+    (``on_open="fail"``).
+
+    Attributes:
+        pool: the pool's name.
+        breaker: the breaker's name.
+        retry_after: seconds until the breaker lets a trial call through.
+    """
+
+    def __init__(
+        self, pool: str, breaker: str, retry_after: float, *, task_id: str | None = None
+    ) -> None:
+        self.breaker = breaker
+        self.retry_after = retry_after
+        self.task_id = task_id
+        super().__init__(
+            pool,
+            f"pool {pool!r}: circuit {breaker!r} is open, next trial in {retry_after:.3g}s",
+        )
+        self.args = (pool, breaker, retry_after)

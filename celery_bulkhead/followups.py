@@ -15,6 +15,15 @@ task in a prefork child, the worker's main process after a hard time limit,
 a result backend completing a chord, publishes them with the header, and a
 message whose header names its own id passes.
 
+A result backend without native chords (database, file, anything that uses
+``celery.chord_unlock``) does not publish the body from a header task: at
+submit time, before the header, it publishes ``celery.chord_unlock`` to the
+*body's* queue, with the body as an argument (not in the embed, so never
+marked) and the body's ``headers`` option as its own.  That message stands
+for the body, so a ``celery.chord_unlock`` message is never refused, wherever
+it is published; the body it publishes later passes as a follow-up of the
+running ``chord_unlock`` (below).
+
 For messages published by a process without the ``Bulkhead`` (so without
 the header), a worker also recognises:
 
@@ -176,6 +185,10 @@ def bypass_reason(
     """
     if headers.get("retries"):
         return "retry"
+    if headers.get("task") == _CHORD_UNLOCK:
+        # The body's stand-in: result backends without native chords publish it at
+        # submit time, before the header, to the *body's* queue.
+        return "continuation"
     # The headers= option replaces same-named message headers when Celery merges it.
     marker = (extra_headers or {}).get(message.FOLLOW_UP, headers.get(message.FOLLOW_UP))
     if marker is not None and _marked_for(marker, headers.get("id")):

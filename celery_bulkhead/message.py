@@ -11,11 +11,14 @@ path or the worker, so both sides read header names from here.
 from __future__ import annotations
 
 import math
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 __all__ = [
     "FOLLOW_UP",
     "PUBLISHED_AT",
+    "arguments",
+    "defer",
     "embed",
     "headers",
     "in_chord",
@@ -46,6 +49,28 @@ def embed(message: Any) -> dict[str, Any] | None:
     if isinstance(body, tuple) and len(body) == 3 and isinstance(body[2], dict):
         return body[2]
     return None
+
+
+def arguments(message: Any) -> tuple[Any, Any]:
+    """The task's positional and keyword arguments, as published."""
+    body = message[2]
+    if isinstance(body, tuple) and len(body) == 3:
+        return body[0], body[1]
+    return (), {}
+
+
+def defer(message: Any, seconds: float) -> None:
+    """Make the message due ``seconds`` from now (its ETA), unless it is due later already."""
+    due = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    current = headers(message).get("eta")
+    if isinstance(current, str):
+        try:
+            existing = datetime.fromisoformat(current)
+        except ValueError:
+            existing = None
+        if existing is not None and existing.tzinfo is not None and existing >= due:
+            return
+    headers(message)["eta"] = due.isoformat()
 
 
 def in_chord(message: Any) -> bool:

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["DropLog", "count_admission"]
+__all__ = ["DropLog", "count_admission", "count_throttled"]
 
 logger = logging.getLogger("celery_bulkhead.admission")
 
@@ -48,6 +48,31 @@ def count_admission(pool: str, decision: str, reason: str) -> None:
         child.inc()
     except Exception:  # a metric must never break a publish
         logger.exception("celery-bulkhead: could not count an admission")
+
+
+_throttled: Any = None
+_throttled_children: dict[tuple[str, str], Any] = {}
+
+
+def count_throttled(pool: str, side: str) -> None:
+    """``celery_bulkhead_tenant_throttled_total{pool,side}`` += 1 (no tenant label, ever)."""
+    global _throttled
+    try:
+        child = _throttled_children.get((pool, side))
+        if child is None:
+            with _lock:
+                if _throttled is None:
+                    from prometheus_client import Counter
+
+                    _throttled = Counter(
+                        "celery_bulkhead_tenant_throttled",
+                        "Tasks whose tenant was over its limit (refused, dropped or deferred).",
+                        ["pool", "side"],
+                    )
+            child = _throttled_children[(pool, side)] = _throttled.labels(pool=pool, side=side)
+        child.inc()
+    except Exception:  # a metric must never break a publish
+        logger.exception("celery-bulkhead: could not count a throttle")
 
 
 class DropLog:

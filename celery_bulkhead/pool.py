@@ -12,8 +12,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .breaker import Breaker
 from .errors import ConfigurationError
 from .settings import seconds, whole
+from .tenants import TenantLimit
 
 __all__ = ["ON_FULL_POLICIES", "WORKER_POOLS", "Pool", "pools_from_setting"]
 
@@ -73,6 +75,11 @@ class Pool:
         drain_timeout: seconds a stopping worker may spend finishing running
             tasks before it is stopped hard.
         worker_pool: Celery execution pool of the pool's workers (``-P``).
+        tenant: a :class:`~celery_bulkhead.TenantLimit` giving every tenant of
+            the pool its own rate and in-flight budget (a mapping of its
+            settings in ``bulkhead_pools``).
+        breaker: a :class:`~celery_bulkhead.Breaker` guarding the pool's
+            downstream, shared by the fleet (a mapping in ``bulkhead_pools``).
     """
 
     name: str
@@ -88,6 +95,8 @@ class Pool:
     acks_late: bool = True
     drain_timeout: float = 30.0
     worker_pool: str = "prefork"
+    tenant: TenantLimit | None = None
+    breaker: Breaker | None = None
 
     def __init__(self, name: str, **settings: Any) -> None:
         # A hand-written __init__ keeps ``name`` positional (``Pool("io", ...)``)
@@ -160,6 +169,8 @@ class Pool:
             "drain_timeout",
             seconds(name, "drain_timeout", self.drain_timeout, maximum=MAX_DRAIN_TIMEOUT),
         )
+        object.__setattr__(self, "tenant", self._validated_tenant(self.tenant))
+        object.__setattr__(self, "breaker", self._validated_breaker(self.breaker))
         if self.worker_pool not in WORKER_POOLS:
             raise _fail(name, "worker_pool", self.worker_pool, "one of " + ", ".join(WORKER_POOLS))
         if self.worker_pool in _NO_TIME_LIMITS:
@@ -174,6 +185,27 @@ class Pool:
                         f"None with worker_pool={self.worker_pool!r} (Celery does not enforce "
                         "time limits there; use 'prefork', 'gevent' or 'eventlet')",
                     )
+
+    def _validated_tenant(self, value: Any) -> TenantLimit | None:
+        if value is None or isinstance(value, TenantLimit):
+            return value
+        try:
+            return TenantLimit.from_mapping(value)
+        except ConfigurationError as exc:
+            # Built from settings: the same error, naming this pool.
+            raise ConfigurationError(
+                self.name, exc.setting, exc.value, exc.allowed, detail=exc.detail
+            ) from None
+
+    def _validated_breaker(self, value: Any) -> Breaker | None:
+        if value is None or isinstance(value, Breaker):
+            return value
+        try:
+            return Breaker.from_mapping(value)
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                self.name, exc.setting, exc.value, exc.allowed, detail=exc.detail
+            ) from None
 
     def _validated_patterns(self, value: Any) -> tuple[str, ...]:
         allowed = "a list of task-name glob patterns such as 'reports.*'"

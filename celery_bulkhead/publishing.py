@@ -128,7 +128,10 @@ def install_publishing(app: Celery, admission: Admission) -> None:
     # A cached_property on AMQP: an instance attribute replaces Celery's sender.
     vars(amqp)["send_task_message"] = send_task_message
 
-    if not any(pool.on_full == "drop" for pool in admission.by_queue.values()):
+    if not any(
+        pool.on_full == "drop" or (pool.tenant is not None and pool.tenant.on_limited == "drop")
+        for pool in admission.by_queue.values()
+    ):
         # Nothing can be dropped: every result of this app says so, and
         # publishes skip the wrapper below (a frame that repacks ~20 arguments).
         app.AsyncResult.dropped = False  # type: ignore[attr-defined]

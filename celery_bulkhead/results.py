@@ -18,7 +18,7 @@ from celery.backends.base import DisabledBackend
 from celery.result import AsyncResult
 
 from . import message
-from .errors import PoolFull
+from .errors import Rejected
 from .followups import signature_ids
 
 __all__ = ["DroppedResult", "fail_canvas_results"]
@@ -29,15 +29,16 @@ logger = logging.getLogger("celery_bulkhead.admission")
 class DroppedResult(AsyncResult):  # type: ignore[type-arg]
     """Returned instead of an ``AsyncResult`` when ``on_full="drop"`` dropped a task.
 
-    ``.dropped`` is true and ``.error`` is the :class:`PoolFull` that caused
-    the drop.  The task will never run: ``.get()`` raises that error at once
-    instead of waiting forever; ``.ready()`` and ``.failed()`` are true and
-    ``.state`` is ``"FAILURE"``, without asking the result backend.
+    ``.dropped`` is true and ``.error`` is the :class:`PoolFull` (or
+    :class:`TenantLimited`) that caused the drop.  The task will never run:
+    ``.get()`` raises that error at once instead of waiting forever;
+    ``.ready()`` and ``.failed()`` are true and ``.state`` is ``"FAILURE"``,
+    without asking the result backend.
     """
 
     dropped = True
 
-    def __init__(self, id: str, error: PoolFull, app: Any = None) -> None:
+    def __init__(self, id: str, error: Rejected, app: Any = None) -> None:
         super().__init__(id, app=app)
         self.error = error
 
@@ -76,7 +77,7 @@ def _canvas_ids(headers: Mapping[str, Any], task_message: Any) -> list[str]:
 
 
 def fail_canvas_results(
-    app: Any, headers: Mapping[str, Any], task_message: Any, error: PoolFull
+    app: Any, headers: Mapping[str, Any], task_message: Any, error: Rejected
 ) -> None:
     """Store ``error`` as the FAILURE of the results a canvas handed out for a dropped task.
 

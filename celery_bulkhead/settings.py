@@ -10,6 +10,10 @@ setting (Django: ``CELERY_``    default                  allowed
 ``bulkhead_metrics_port``      None (no metrics HTTP)   a TCP port 1-65535; with N pools the
                                                         last pool's port + N - 1 <= 65535
 ``bulkhead_metrics_host``      ``"127.0.0.1"``          a non-empty host name or address
+``bulkhead_state_url``         the broker's URL when    ``redis://``, ``rediss://`` or
+                               it is Redis; in-process  ``unix://`` URL of the Redis that holds
+                               on ``memory://``         tenant buckets and leases (required for
+                                                        a tenant limit on RabbitMQ)
 =============================  =======================  =======================================
 
 :func:`read` turns an app's configuration into a frozen :class:`Settings`;
@@ -44,6 +48,8 @@ POOLS = "bulkhead_pools"
 PUBLISH_TIMEOUT = "bulkhead_publish_timeout"
 METRICS_PORT = "bulkhead_metrics_port"
 METRICS_HOST = "bulkhead_metrics_host"
+STATE_URL = "bulkhead_state_url"
+_STATE_SCHEMES = ("redis://", "rediss://", "unix://", "memory://")
 
 DEFAULT_PUBLISH_TIMEOUT = 10.0
 #: A publish may keep trying a broker for at most an hour; socket timeouts
@@ -105,6 +111,7 @@ class Settings:
     publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    state_url: str | None = None
 
     def metrics_port_of(self, index: int) -> int | None:
         """The metrics port of the pool declared at ``index``."""
@@ -156,10 +163,29 @@ def read(
     host = _conf(app, METRICS_HOST, "127.0.0.1")
     if not isinstance(host, str) or not host.strip():
         raise ConfigurationError(None, METRICS_HOST, host, "a host name or IP address")
+    state = app.conf.get(STATE_URL)
+    if state is not None and (
+        not isinstance(state, str) or not state.lower().startswith(_STATE_SCHEMES)
+    ):
+        raise ConfigurationError(
+            None,
+            STATE_URL,
+            _redacted(state),
+            "a redis://, rediss:// or unix:// URL (or memory:// in tests), or None",
+        )
     assert timeout is not None
     return Settings(
         pools=source,
         publish_timeout=timeout,
         metrics_port=port,
         metrics_host=host,
+        state_url=state,
     )
+
+
+def _redacted(url: Any) -> Any:
+    """A URL without its password, for an error message."""
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -22,6 +22,7 @@ imported only when a Redis transport is used.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 from collections.abc import Callable
@@ -42,11 +43,13 @@ __all__ = [
     "HOOKED_TRANSPORTS",
     "CappedPush",
     "QueueFull",
+    "TenantRefused",
     "check_transport",
     "hook_put",
     "install",
     "require_driver",
     "transport_of",
+    "within",
 ]
 
 #: kombu ``driver_type`` -> the backend module whose ``install()`` hooks ``_put``.
@@ -64,12 +67,25 @@ class QueueFull(Exception):
         super().__init__(depth)
 
 
+class TenantRefused(Exception):
+    """Internal: the one-call push found the tenant over its limit (next token in ``wait`` s)."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        super().__init__(wait)
+
+
 @dataclass(frozen=True)
 class CappedPush:
-    """A capped publish in progress: its queue and its cap (one per pool, reused)."""
+    """A capped publish in progress: its queue and its cap (one per pool, reused).
+
+    ``bucket`` (Redis only): the tenant's bucket key, interval (µs) and burst,
+    for a push that spends the tenant's token in the same call.
+    """
 
     queue: str
     cap: int
+    bucket: tuple[str, bytes, bytes] | None = None
     cap_arg: bytes = field(init=False, repr=False)  # Redis ARGV[1], encoded once
 
     def __post_init__(self) -> None:
@@ -105,6 +121,19 @@ def hook_put(channel_class: Any, capped_put: CappedPut) -> None:
     _put._celery_bulkhead = True  # type: ignore[attr-defined]
     _put.__wrapped__ = original  # type: ignore[attr-defined]
     channel_class._put = _put
+
+
+def within(driver: str, connection: Any, deadline: float) -> contextlib.AbstractContextManager[Any]:
+    """Every socket operation of a producer's ``connection`` in the block ends by ``deadline``.
+
+    Redis only: ``memory://`` has no sockets, and RabbitMQ's capped publishes
+    use confirm connections that :mod:`.amqp` bounds itself.
+    """
+    if driver != "redis":
+        return contextlib.nullcontext()
+    from .redis import within as redis_within
+
+    return redis_within(connection, deadline)
 
 
 def install(driver: str) -> None:

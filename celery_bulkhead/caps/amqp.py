@@ -67,10 +67,11 @@ class ConfirmingProducers:
 
         ``connect(connection, deadline)`` (re)connects within the deadline.
         Every later step on the connection (opening the channel, a declare,
-        the publish, the confirm wait, a passive declare) is bounded by the
-        same deadline through the socket's timeout: a broker that freezes at
-        any point fails the step instead of hanging it.  A broken connection
-        is closed on the way out, so the next use reconnects.
+        the publish, the confirm wait, a passive declare, a channel's close)
+        reads and writes within the time left until the same deadline: a
+        broker that freezes at any point fails the step instead of hanging
+        it, and no step after a slow one gets more than is left.  A broken
+        connection is closed on the way out, so the next use reconnects.
         """
         timeout = max(deadline - time.monotonic(), 0.001)
         connection = self._connections().acquire(block=True, timeout=timeout)
@@ -93,12 +94,44 @@ class ConfirmingProducers:
 
 
 def _bound(connection: Any, deadline: float) -> None:
-    """Give the connection's socket the time left until ``deadline`` for every read and write."""
-    transport = getattr(connection.connection, "transport", None)
+    """Bound every read and write on the connection by ``deadline`` (monotonic).
+
+    A socket timeout counts per operation, not per publish: set once, a step
+    that starts late (the channel's close after a passive declare timed out,
+    say) would wait the whole timeout again.  py-amqp sets the socket's
+    timeout around each frame it waits for or writes (``having_timeout``), so
+    that is where each step gets at most the time left, whatever it asks for.
+    """
+    transport: Any = getattr(connection.connection, "transport", None)
     sock = getattr(transport, "sock", None)
     if sock is None:
         raise TimeoutError("the confirm connection has no socket")  # closed meanwhile
+    limit: _Deadline | None = transport.__dict__.get(_DEADLINE)
+    if limit is None:
+        # Per transport, and a reconnect makes a new one: installed once per connection.
+        limit = transport.__dict__[_DEADLINE] = _Deadline(transport.having_timeout)
+        transport.having_timeout = limit.having_timeout
+    limit.at = deadline
     sock.settimeout(max(deadline - time.monotonic(), 0.001))
+
+
+_DEADLINE = "_celery_bulkhead_deadline"
+
+
+class _Deadline:
+    """The deadline of the publish using a confirm connection, applied to each of its steps."""
+
+    __slots__ = ("_having_timeout", "at")
+
+    def __init__(self, having_timeout: Callable[[float | None], Any]) -> None:
+        self._having_timeout = having_timeout
+        self.at = 0.0
+
+    @contextmanager
+    def having_timeout(self, timeout: float | None) -> Iterator[Any]:
+        left = max(self.at - time.monotonic(), 0.001)
+        with self._having_timeout(left if timeout is None else min(timeout, left)) as sock:
+            yield sock
 
 
 def mismatch_error(pool: Pool, exc: BaseException) -> ConfigurationError | None:

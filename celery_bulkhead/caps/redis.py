@@ -13,15 +13,20 @@ kombu's own ``_put`` does.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from kombu.utils.json import dumps
 
 from .. import scripts
-from . import CappedPush, QueueFull, hook_put
+from . import CappedPush, QueueFull, TenantRefused, hook_put
 
-__all__ = ["install"]
+__all__ = ["install", "within"]
+
+_TIMEOUTS = ("socket_timeout", "socket_connect_timeout")
 
 
 def _lua_string(value: str) -> str:
@@ -35,6 +40,7 @@ class _Layout:
     base: str | bytes  # KEYS[1], as passed to EVALSHA
     suffix_of: dict[int, bytes]  # priority step -> ARGV[2], the sub-list suffix
     script: scripts.Script
+    tenant_script: scripts.Script  # the same push, spending a tenant's token too
 
 
 def _layout(channel: Any, client: Any, queue: str) -> _Layout:
@@ -56,8 +62,9 @@ def _layout(channel: Any, client: Any, queue: str) -> _Layout:
         base = queue if prefixed_client else (prefix + queue).encode()
         lua_list = "{" + ", ".join(map(_lua_string, suffixes)) + "}"
         script = scripts.load("capped_push", (("SUFFIXES", lua_list),))
+        tenant_script = scripts.load("tenant_push", (("SUFFIXES", lua_list),))
         encoded = {step: suffix.encode() for step, suffix in suffix_of.items()}
-        layout = layouts[queue] = _Layout(base, encoded, script)
+        layout = layouts[queue] = _Layout(base, encoded, script, tenant_script)
     return layout
 
 
@@ -70,12 +77,88 @@ def _capped_put(
     expires = channel._expires.get(queue) if getattr(channel, "_expires", None) else None
     with channel.conn_or_acquire() as client:
         layout = _layout(channel, client, queue)
+        if push.bucket is not None:
+            _tenant_put(client, layout, push, priority, message, expires)
+            return
         args = [layout.base, push.cap_arg, layout.suffix_of[priority], dumps(message)]
         if expires:
             args.append(str(int(expires)).encode())
         result = int(scripts.run(client, layout.script, b"1", *args))
     if result < 0:
         raise QueueFull(-result)
+
+
+def _tenant_put(
+    client: Any, layout: _Layout, push: CappedPush, priority: int, message: Any, expires: Any
+) -> None:
+    assert push.bucket is not None
+    key, interval, burst = push.bucket
+    status, value = scripts.run(
+        client,
+        layout.tenant_script,
+        b"2",
+        layout.base,
+        key,
+        push.cap_arg,
+        layout.suffix_of[priority],
+        dumps(message),
+        str(int(expires or 0)).encode(),
+        interval,
+        burst,
+    )
+    if int(status) == 0:
+        raise QueueFull(int(value))
+    if int(status) == 2:
+        raise TenantRefused(int(value) / 1_000_000)
+
+
+@contextmanager
+def within(connection: Any, deadline: float) -> Iterator[None]:
+    """Every Redis socket operation of ``connection`` in the block ends by ``deadline``.
+
+    kombu gives a connection's sockets fixed timeouts (the transport options
+    ``socket_timeout`` and ``socket_connect_timeout``: ``publish_timeout``,
+    set by the Bulkhead).  An attempt that starts late in a publish (a retry,
+    a ``block`` attempt, a publish that waited for a producer) would wait
+    that whole time again, past its deadline: in the (re)connect, which
+    pings Redis from a new channel, and in the push.  In the block, the
+    channels made and the connections used get the time left instead; the
+    configured timeouts are put back after.  ``connection`` is a producer's
+    that this thread holds: nothing else uses it meanwhile.
+    """
+    configured = connection.transport_options
+    left = max(deadline - time.monotonic(), 0.001)
+    # A new dict, not an update: the connections of a pool share the configured one.
+    connection.transport_options = {**configured, **dict.fromkeys(_TIMEOUTS, left)}
+    for channel in _channels(connection):
+        _set_timeouts(channel, left, left)
+    try:
+        yield
+    finally:
+        connection.transport_options = configured
+        for channel in _channels(connection):
+            _set_timeouts(channel, *(configured.get(key) for key in _TIMEOUTS))
+
+
+def _channels(connection: Any) -> list[Any]:
+    transport = connection.__dict__.get("_transport")  # None: nothing made yet
+    return list(getattr(transport, "channels", ()))
+
+
+def _set_timeouts(channel: Any, timeout: float | None, connect_timeout: float | None) -> None:
+    channel.socket_timeout = timeout  # for the channel's pools made from now on
+    channel.socket_connect_timeout = connect_timeout
+    for pool in (channel._pool, channel._async_pool):
+        if pool is None:
+            continue
+        pool.connection_kwargs["socket_timeout"] = timeout  # its connections made from now on
+        pool.connection_kwargs["socket_connect_timeout"] = connect_timeout
+        for conn in (*pool._available_connections, *pool._in_use_connections):
+            conn.socket_timeout = timeout  # applied to the socket at each (re)connect
+            conn.socket_connect_timeout = connect_timeout
+            sock = getattr(conn, "_sock", None)
+            if sock is not None:
+                sock.settimeout(timeout)
 
 
 def install() -> None:

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from .. import message
+from ..breaker import STATE_VALUES
 from ..depth import queue_depth
 from .request import OUTCOMES, BulkheadRequest, request_class
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from celery.worker.request import Request
 
+    from ..breaker import Circuit
     from ..pool import Pool
 
 __all__ = ["PoolMetrics"]
@@ -127,6 +129,7 @@ class _TaskStats(Collector):
         self.duration = _Histogram(_DURATION_BUCKETS)
         self.wait = _Histogram(_WAIT_BUCKETS)
         self.malformed = 0
+        self.throttled = 0
 
     def collect(self) -> Iterator[Any]:
         pool = self.pool
@@ -153,13 +156,60 @@ class _TaskStats(Collector):
                 labels=["pool"],
             )
             malformed.add_metric([pool], self.malformed)
-        yield from (inflight, tasks, duration, wait, malformed)
+            throttled = CounterMetricFamily(
+                "celery_bulkhead_tenant_throttled",
+                "Tasks deferred because their tenant was over its limit.",
+                labels=["pool", "side"],
+            )
+            throttled.add_metric([pool, "worker"], self.throttled)
+        yield from (inflight, tasks, duration, wait, malformed, throttled)
+
+
+class _BreakerStats(Collector):
+    """A breaker's state (as this node last saw it), transitions and refusals."""
+
+    def __init__(self, circuit: Circuit) -> None:
+        self.circuit = circuit
+        self.lock = threading.Lock()
+        self.refused: dict[str, int] = dict.fromkeys(("deferred", "failed"), 0)
+
+    def collect(self) -> Iterator[Any]:
+        name = self.circuit.name
+        state_value = None
+        try:
+            state, _ = self.circuit.state()  # a Redis read at most every cache_seconds
+            state_value = STATE_VALUES.get(state)
+        except Exception:  # a scrape must not crash; the series goes missing
+            logger.warning("celery-bulkhead: could not read breaker %r", name)
+        gauge = GaugeMetricFamily(
+            "celery_bulkhead_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            labels=["breaker"],
+        )
+        if state_value is not None:
+            gauge.add_metric([name], state_value)
+        transitions = CounterMetricFamily(
+            "celery_bulkhead_breaker_transitions",
+            "Breaker transitions made by this node, by the state entered.",
+            labels=["breaker", "state"],
+        )
+        for entered in STATE_VALUES:
+            transitions.add_metric([name, entered], self.circuit.transitions.get(entered, 0))
+        refused = CounterMetricFamily(
+            "celery_bulkhead_breaker_refusals",
+            "Tasks not run because the breaker was open, by what was done with them.",
+            labels=["breaker", "action"],
+        )
+        with self.lock:
+            for action, count in self.refused.items():
+                refused.add_metric([name, action], count)
+        yield from (gauge, transitions, refused)
 
 
 class PoolMetrics:
     """The metrics of one pool on one worker node, in their own registry."""
 
-    def __init__(self, app: Celery, pool: Pool) -> None:
+    def __init__(self, app: Celery, pool: Pool, circuit: Circuit | None = None) -> None:
         self.pool = pool
         self.registry = CollectorRegistry(auto_describe=True)
         labels = {"pool": pool.name}
@@ -183,6 +233,20 @@ class PoolMetrics:
         r.register(_QueueDepth(app, pool))
         self.stats = _TaskStats(pool.name)
         r.register(self.stats)
+        self.breaker = _BreakerStats(circuit) if circuit is not None else None
+        if self.breaker is not None:
+            r.register(self.breaker)
+
+    def breaker_refused(self, breaker: str, action: str) -> None:
+        """A task was not run because its breaker was open (``deferred`` or ``failed``)."""
+        if self.breaker is not None:
+            with self.breaker.lock:
+                self.breaker.refused[action] = self.breaker.refused.get(action, 0) + 1
+
+    def throttled(self) -> None:
+        """A task was deferred for its tenant (``side="worker"``)."""
+        with self.stats.lock:
+            self.stats.throttled += 1
 
     def request_class(self) -> type[BulkheadRequest]:
         """A Request class whose main-process callbacks update these metrics."""

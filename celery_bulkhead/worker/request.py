@@ -24,11 +24,21 @@ from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined] 
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker.request import Request
 
-__all__ = ["OUTCOMES", "BulkheadRequest", "Listener", "outcome_of", "request_class"]
+__all__ = ["OUTCOMES", "BulkheadRequest", "Gate", "Listener", "outcome_of", "request_class"]
 
 logger = logging.getLogger(__name__)
 
 OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "rejected", "ignored", "revoked")
+
+
+class Gate(Protocol):
+    """Decides, just before a task starts, whether it runs now (tenant limits)."""
+
+    def admit(self, request: Any) -> bool: ...
+
+    def skipped(self, request: Any) -> None: ...
+
+    def release(self, request: Any) -> None: ...
 
 
 class Listener(Protocol):
@@ -62,15 +72,36 @@ class BulkheadRequest(Request):
     """A pool task's request: tells :attr:`listeners` when it starts and how it ends."""
 
     listeners: Sequence[Listener] = ()
+    #: Checked just before the task is handed to the execution pool (tenant limits).
+    gate: Gate | None = None
+    bulkhead_tenant: str | None = None
+    bulkhead_trial: str | None = None
+    bulkhead_spent = False
+    bulkhead_exc: BaseException | None = None
     _bulkhead_started: float | None = None
     _bulkhead_done = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Celery derives a class from this one per task (create_request_cls)
-        # whose on_success never calls its base's; the execution pool calls
-        # back ``self.on_success``, which an instance attribute answers first.
+        # whose on_success and execute_using_pool never call their base's; the
+        # execution pool calls back ``self.on_success`` and the consumer calls
+        # ``self.execute_using_pool``, which instance attributes answer first.
         self.on_success = self._on_success  # type: ignore[method-assign]  # see above
+        if self.gate is not None:
+            self.execute_using_pool = self._gated_execute  # type: ignore[method-assign]
+
+    def _gated_execute(self, pool: Any, **kwargs: Any) -> Any:
+        gate = self.gate
+        assert gate is not None
+        if not gate.admit(self):
+            gate.skipped(self)  # deferred (published again) or failed fast, and acknowledged
+            return None
+        try:
+            return type(self).execute_using_pool(self, pool, **kwargs)
+        except BaseException:
+            gate.release(self)  # revoked before it started, or the pool refused it
+            raise
 
     def _finish(self, outcome: str, runtime: float | None) -> None:
         if self._bulkhead_done:
@@ -105,12 +136,20 @@ class BulkheadRequest(Request):
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
-        self._finish(outcome_of(getattr(exc_info, "exception", None)), None)
+        exc = getattr(exc_info, "exception", None)
+        self.bulkhead_exc = exc  # for listeners that judge the exception (a breaker)
+        self._finish(outcome_of(exc), None)
         return super().on_failure(
             exc_info, send_failed_event=send_failed_event, return_ok=return_ok
         )
 
 
-def request_class(pool: str, listeners: Sequence[Listener]) -> type[BulkheadRequest]:
+def request_class(
+    pool: str, listeners: Sequence[Listener], gate: Gate | None = None
+) -> type[BulkheadRequest]:
     """The Request class for one pool's tasks on this node."""
-    return type(f"BulkheadRequest_{pool}", (BulkheadRequest,), {"listeners": tuple(listeners)})
+    return type(
+        f"BulkheadRequest_{pool}",
+        (BulkheadRequest,),
+        {"listeners": tuple(listeners), "gate": gate},
+    )

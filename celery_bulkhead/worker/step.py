@@ -17,7 +17,9 @@ from .. import settings
 from ..bulkhead import installed_on
 from ..errors import ConfigurationError
 from ..pool import Pool
+from .gate import WorkerGate
 from .metrics import PoolMetrics
+from .request import request_class as worker_request_class
 
 __all__ = ["PoolWorkerStep"]
 
@@ -52,14 +54,22 @@ class PoolWorkerStep(bootsteps.StartStopStep):
         bulkhead = installed_on(parent.app)
         pool = bulkhead.pool(bulkhead_pool)
         bulkhead.validate_tasks()
-        self.metrics = PoolMetrics(parent.app, pool)
-        request_class = self.metrics.request_class()
+        circuit = bulkhead.circuit_of(pool)
+        self.metrics = PoolMetrics(parent.app, pool, circuit)
+        listeners: list[Any] = [self.metrics]
+        self.gate: WorkerGate | None = None
+        limiter = bulkhead.limiter if pool.tenant is not None and pool.tenant.at_worker else None
+        if limiter is not None or circuit is not None:
+            self.gate = WorkerGate(parent.app, pool, limiter, self.metrics, circuit)
+            listeners.append(self.gate)
+        gate = self.gate
+        request_class = worker_request_class(pool.name, listeners, gate)
         for task in bulkhead.tasks_in(pool):
             # Celery reads acks_late and the Request class from the task object
             # when the consumer starts; set them on the instance so they hold
             # for this node only.
             task.acks_late = pool.acks_late
-            task.Request = request_class
+            task.Request = request_class  # type: ignore[assignment]  # stubs say str
         self.pool = pool
         logger.info(
             "celery-bulkhead: node serves pool %r (queue %r, concurrency %d)",
@@ -69,6 +79,8 @@ class PoolWorkerStep(bootsteps.StartStopStep):
         )
 
     def start(self, parent: Any) -> None:
+        if getattr(self, "gate", None) is not None:
+            self.gate.worker = parent  # type: ignore[union-attr]  # on_open="pause" needs it
         if self.pool is None or self.metrics_port is None:
             return
         from prometheus_client import start_http_server

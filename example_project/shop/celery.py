@@ -8,15 +8,25 @@ Three kinds of work that should not hurt each other:
 
 Each pool gets its own queue (``bulkhead.<pool>``) and its own worker, so a
 pile of slow webhooks cannot take the slots payments need.
+
+The broker is ``$CELERY_BROKER_URL`` (Redis on loopback when it is unset) and
+the result backend ``$CELERY_RESULT_BACKEND``, else the broker itself on Redis
+or ``rpc://`` on RabbitMQ.  Celery lets both variables override an app's own
+settings anyway; reading them here makes the defaults visible.
 """
+
+import os
 
 from celery import Celery
 
 from celery_bulkhead import Bulkhead, Pool
 
-BROKER_URL = "redis://127.0.0.1:6379/0"
+BROKER_URL = os.environ.get("CELERY_BROKER_URL") or "redis://127.0.0.1:6379/0"
+RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or (
+    BROKER_URL if BROKER_URL.startswith(("redis://", "rediss://")) else "rpc://"
+)
 
-app = Celery("shop", broker=BROKER_URL, backend=BROKER_URL, include=["shop.tasks"])
+app = Celery("shop", broker=BROKER_URL, backend=RESULT_BACKEND, include=["shop.tasks"])
 
 bulkhead = Bulkhead(
     app,

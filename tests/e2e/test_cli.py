@@ -60,10 +60,26 @@ def test_unknown_pool_option_is_a_usage_error_listing_the_pools() -> None:
 
 
 def test_worker_refuses_to_start_when_a_worker_only_module_names_an_unknown_pool() -> None:
-    """A typo in a module only workers import fails at once, not in a restart loop."""
+    """A typo in a module only workers import fails at once, naming the task and its module."""
     result = celery("-A", "tests.app.broken", "bulkhead", "worker")
     assert result.returncode == 2
-    assert "invalid bulkhead='oi'; allowed: one of 'io' (unknown pool)" in result.stderr
+    assert (
+        "Error: task 'broken.fetch' (module tests.app.broken_tasks): "
+        "invalid bulkhead='oi'; allowed: one of 'io' (unknown pool)\n"
+    ) in result.stderr
+
+
+def test_a_misspelt_pool_in_a_decorator_names_the_task_and_suggests_the_pool() -> None:
+    """``@app.task(bulkhead="paymnets")`` in an included module: plan and worker say where."""
+    for command in ("plan", "worker"):
+        result = celery("-A", "tests.app.broken_decorated", "bulkhead", command)
+        assert result.returncode == 2, result.stderr
+        assert (
+            "Error: task 'tests.app.broken_decorated_tasks.charge' "
+            "(module tests.app.broken_decorated_tasks): invalid bulkhead='paymnets'; "
+            "allowed: one of 'payments', 'reports' (unknown pool; did you mean 'payments'?)\n"
+        ) in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_an_app_without_a_bulkhead_is_a_clear_error() -> None:

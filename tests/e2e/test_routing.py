@@ -95,7 +95,10 @@ def test_unknown_pool_is_an_error_at_decoration_time() -> None:
         @app.task(bulkhead="oi", shared=False)
         def fetch() -> None: ...
 
-    assert str(info.value) == "invalid bulkhead='oi'; allowed: one of 'io', 'cpu' (unknown pool)"
+    assert str(info.value) == (
+        "task 'tests.e2e.test_routing.fetch' (module tests.e2e.test_routing): "
+        "invalid bulkhead='oi'; allowed: one of 'io', 'cpu' (unknown pool)"
+    )
     with pytest.raises(ConfigurationError, match="invalid pool='oi'"):
         bulkhead.task(pool="oi")
 

@@ -132,6 +132,23 @@ def test_everything_chord_unlock_publishes_is_the_chords_body() -> None:
     assert bypass_reason(app, {"id": "body-published-late"}) == "continuation"  # type: ignore[arg-type]
 
 
+def test_chord_unlock_itself_stands_for_the_chords_body_wherever_it_is_published() -> None:
+    """Backends without native chords publish it at submit time, to the body's queue."""
+    unlock = {"id": "unlock", "task": "celery.chord_unlock", "retries": 0}
+    assert bypass_reason(FakeApp(), unlock, in_worker=False) == "continuation"  # type: ignore[arg-type]
+    in_a_task = FakeApp(request(task="capped.step"))  # a chord applied by a running task
+    assert bypass_reason(in_a_task, unlock) == "continuation"  # type: ignore[arg-type]
+    # It carries the body's headers= option, whose marker names the body, not it.
+    body_headers = {FOLLOW_UP_HEADER: "body", "trace": "t-1"}
+    assert bypass_reason(FakeApp(), unlock, False, body_headers) == "continuation"  # type: ignore[arg-type]
+
+
+def test_other_celery_builtins_are_new_work() -> None:
+    for name in ("celery.chord", "celery.group", "celery.chain", "celery.map"):
+        message = {"id": "x", "task": name, "retries": 0}
+        assert bypass_reason(FakeApp(), message, in_worker=False) is None  # type: ignore[arg-type]
+
+
 def _message(embed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Any, None]:
     return ({"id": "parent"}, {}, ((), {}, embed), None)
 

@@ -1,0 +1,577 @@
+"""The breaker's contract, without a broker: settings, what a failure is, the pure state
+machine on hand-worked sequences, and the per-process circuit on a fake clock.
+
+Times in the machine tests are milliseconds, as the stores pass them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+import pybreaker
+import pytest
+from billiard.einfo import ExceptionWithTraceback
+from celery import Celery
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+
+import celery_bulkhead.breaker as breaker_module
+from celery_bulkhead import Breaker, Bulkhead, ConfigurationError, Pool
+from celery_bulkhead.breaker import CLOSED, HALF_OPEN, OPEN, Circuit, machine
+from celery_bulkhead.breaker.memory import MemoryBreakerStore
+
+
+class Downstream(Exception):
+    """A downstream failure."""
+
+
+class ClientError(Exception):
+    """A 4xx: the request's fault, not the downstream's."""
+
+
+class Listener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str]] = []
+        self.breakers: list[Any] = []
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        self.breakers.append(cb)
+        self.changes.append((old_state.name, new_state.name))
+
+
+class BrokenListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        raise RuntimeError("a broken listener")
+
+
+# -- settings -------------------------------------------------------------------------
+
+
+def test_defaults_match_the_documentation() -> None:
+    breaker = Breaker()
+    assert (breaker.fail_max, breaker.reset_timeout, breaker.failure_window) == (5, 30.0, 60.0)
+    assert (breaker.exclude, breaker.include, breaker.name) == ((), (), None)
+    assert breaker.half_open_max_calls == 1
+    assert breaker.on_open == "defer" and breaker.on_state_error == "closed"
+    assert breaker.fail_fast_at_submit is False
+    assert breaker.cache_seconds == 1.0 and breaker.listeners == ()
+
+
+def test_settings_are_normalised_and_immutable() -> None:
+    listener = Listener()
+    breaker = Breaker(
+        fail_max=2,
+        reset_timeout=3,
+        exclude=[ClientError],
+        include=SoftTimeLimitExceeded,
+        failure_window=10,
+        cache_seconds=0.05,
+        listeners=[listener],
+        name="pay.v2-eu_1",
+    )
+    assert breaker.reset_timeout == 3.0 and isinstance(breaker.reset_timeout, float)
+    assert breaker.exclude == (ClientError,)
+    assert breaker.include == (SoftTimeLimitExceeded,)
+    assert breaker.listeners == (listener,)
+    assert breaker.failure_window == 10.0 and breaker.cache_seconds == 0.05
+    with pytest.raises(AttributeError):
+        breaker.fail_max = 3  # type: ignore[misc]
+    assert Breaker.from_mapping({"fail_max": 2}) == Breaker(fail_max=2)
+
+
+SECONDS = "a number of seconds > 0 and <= 86400"
+BAD: list[tuple[str, Any]] = [
+    *[("fail_max", v) for v in (0, -1, 100_001, 2.5, True, "5", None)],
+    *[("reset_timeout", v) for v in (0, -1, 86_401, math.inf, math.nan, "30", True, None)],
+    *[("failure_window", v) for v in (0, -0.5, 86_401, math.nan, "60", False)],
+    *[("cache_seconds", v) for v in (0, 0.049, 60.5, -1, "1", None, math.inf)],
+    *[("half_open_max_calls", v) for v in (0, 101, 1.0, "1", None)],
+    *[("exclude", v) for v in ("ValueError", [ValueError, 1], 3, object, [int], {ValueError})],
+    *[("include", v) for v in ("Retry", [Retry, "x"], None, [object])],
+    *[("name", v) for v in ("", "a" * 64, "a b", "a:b", "{a}", "-a", ".a", "é", 5, b"a")],
+    *[("on_open", v) for v in ("drop", "Defer", None, 1)],
+    *[("on_state_error", v) for v in ("deny", "half-open", None, True)],
+    *[("fail_fast_at_submit", v) for v in ("yes", 1, 0, None)],
+    *[("listeners", v) for v in (object(), [object()], "abc", [Listener, 1], 5)],
+]
+
+
+@pytest.mark.parametrize(("setting", "value"), BAD)
+def test_every_bad_value_is_refused_naming_the_setting(setting: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Breaker(**{setting: value})
+    assert info.value.setting == f"breaker.{setting}"
+    assert info.value.pool is None
+    assert f"breaker.{setting}" in str(info.value)
+
+
+def test_an_unknown_setting_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Breaker(fail_maxx=3)
+    assert info.value.setting == "breaker.fail_maxx"
+    assert "fail_max" in info.value.allowed  # the allowed settings are listed
+
+
+def test_the_limits_themselves_are_allowed() -> None:
+    Breaker(fail_max=1, reset_timeout=86_400, half_open_max_calls=100, cache_seconds=60)
+    Breaker(fail_max=100_000, half_open_max_calls=1, cache_seconds=0.05, name="a" * 63)
+
+
+@pytest.mark.parametrize(
+    ("breaker", "setting"),
+    [
+        ({"fail_max": 0}, "breaker.fail_max"),
+        ({"reset_timeout": -1}, "breaker.reset_timeout"),
+        ({"on_open": "drop"}, "breaker.on_open"),
+        ({"listeners": object()}, "breaker.listeners"),
+        ({"bogus": 1}, "breaker.bogus"),
+        ("on", "breaker"),
+        (5, "breaker"),
+    ],
+)
+def test_a_pools_breaker_mapping_errors_name_the_pool(breaker: Any, setting: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Pool("webhooks", breaker=breaker)
+    assert info.value.pool == "webhooks"
+    assert info.value.setting == setting
+    assert str(info.value).startswith("pool 'webhooks': ")
+
+
+def test_a_pool_takes_a_breaker_from_a_mapping() -> None:
+    pool = Pool("webhooks", breaker={"fail_max": 2, "reset_timeout": 5})
+    assert pool.breaker == Breaker(fail_max=2, reset_timeout=5)
+
+
+def _bulkhead(*pools: Pool) -> Bulkhead:
+    app = Celery("breakers", broker="memory://", set_as_current=False)
+    return Bulkhead(app, pools=list(pools))
+
+
+def test_pools_sharing_a_breaker_name_must_declare_the_same_settings() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        _bulkhead(
+            Pool("a", breaker=Breaker(name="pay", fail_max=5)),
+            Pool("b", breaker=Breaker(name="pay", fail_max=6)),
+        )
+    assert info.value.pool == "b"
+    assert info.value.setting == "breaker"
+    assert "pay" in str(info.value)
+
+
+def test_pools_sharing_a_breaker_name_share_one_circuit() -> None:
+    bulkhead = _bulkhead(
+        Pool("a", breaker=Breaker(fail_max=5)),  # named after its pool: "a"
+        Pool("b", breaker=Breaker(name="a", fail_max=5)),
+        Pool("c", breaker=Breaker(fail_max=5)),
+        Pool("d"),
+    )
+    assert sorted(bulkhead.circuits) == ["a", "c"]
+    pools = {p.name: p for p in bulkhead.assignment.pools.values()}
+    assert bulkhead.circuit_of(pools["a"]) is bulkhead.circuit_of(pools["b"])
+    assert bulkhead.circuit_of(pools["c"]) is not bulkhead.circuit_of(pools["a"])
+    assert bulkhead.circuit_of(pools["d"]) is None
+
+
+def test_breakers_from_settings_mappings() -> None:
+    app = Celery("breakers", broker="memory://", set_as_current=False)
+    bulkhead = Bulkhead(app, pools={"hooks": {"breaker": {"fail_max": 2, "reset_timeout": 5}}})
+    assert bulkhead.circuits["hooks"].breaker == Breaker(fail_max=2, reset_timeout=5)
+    with pytest.raises(ConfigurationError) as info:
+        Bulkhead(
+            Celery("bad", broker="memory://", set_as_current=False),
+            pools={"hooks": {"breaker": {"half_open_max_calls": 0}}},
+        )
+    assert info.value.pool == "hooks"
+    assert info.value.setting == "breaker.half_open_max_calls"
+
+
+# -- what a failure is ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [Retry(), Ignore(), Reject("no", requeue=False), SoftTimeLimitExceeded(), None],
+    ids=["Retry", "Ignore", "Reject", "SoftTimeLimitExceeded", "None"],
+)
+def test_celery_control_flow_is_not_a_failure(exc: BaseException | None) -> None:
+    assert Breaker().is_failure(exc) is False
+    wrapped = ExceptionWithTraceback(exc, "Traceback ...")
+    assert Breaker().is_failure(wrapped) is False
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [Retry(), Ignore(), Reject("no"), SoftTimeLimitExceeded()],
+    ids=["Retry", "Ignore", "Reject", "SoftTimeLimitExceeded"],
+)
+def test_control_flow_listed_in_include_is_a_failure(exc: BaseException) -> None:
+    breaker = Breaker(include=(type(exc),))
+    assert breaker.is_failure(exc) is True
+    assert breaker.is_failure(ExceptionWithTraceback(exc, "tb")) is True
+    others = [Retry(), Ignore(), Reject("no"), SoftTimeLimitExceeded()]
+    assert [breaker.is_failure(o) for o in others] == [type(o) is type(exc) for o in others]
+
+
+def test_a_hard_time_limit_and_any_other_exception_are_failures() -> None:
+    breaker = Breaker()
+    assert breaker.is_failure(TimeLimitExceeded(30)) is True
+    assert breaker.is_failure(Downstream()) is True
+    assert breaker.is_failure(ConnectionError()) is True
+    assert breaker.is_failure(KeyboardInterrupt()) is True
+
+
+def test_excluded_exceptions_and_their_subclasses_are_not_failures() -> None:
+    class NotFound(ClientError):
+        pass
+
+    breaker = Breaker(exclude=(ClientError,))
+    assert breaker.is_failure(ClientError()) is False
+    assert breaker.is_failure(NotFound()) is False
+    assert breaker.is_failure(ExceptionWithTraceback(NotFound(), "tb")) is False
+    assert breaker.is_failure(Downstream()) is True
+    # exclude wins over include.
+    assert Breaker(include=(Retry,), exclude=(Retry,)).is_failure(Retry()) is False
+
+
+def test_prefork_wrapped_exceptions_are_unwrapped() -> None:
+    breaker = Breaker(exclude=(ClientError,))
+    assert breaker.is_failure(ExceptionWithTraceback(Downstream(), "tb")) is True
+    assert breaker.is_failure(ExceptionWithTraceback(TimeLimitExceeded(1), "tb")) is True
+    assert breaker.is_failure(ExceptionWithTraceback(ClientError(), "tb")) is False
+
+
+# -- the pure machine (milliseconds) ----------------------------------------------------
+
+RESET, WINDOW, LEASE = 1_000.0, 60_000.0, 5_000.0
+
+
+def opened(at: float = 10_000.0, fail_max: int = 3) -> machine.Record:
+    rec = machine.Record()
+    for i in range(fail_max):
+        machine.failure(rec, at - (fail_max - 1 - i), fail_max, WINDOW, None)
+    assert rec.state == OPEN and rec.opened_at == at
+    return rec
+
+
+def test_it_opens_on_the_fail_max_th_failure_within_the_window() -> None:
+    rec = machine.Record()
+    assert machine.failure(rec, 10_000, 3, WINDOW, None) is None
+    assert machine.failure(rec, 20_000, 3, WINDOW, None) is None
+    assert machine.peek(rec, 20_001, RESET) == (CLOSED, 0.0)
+    assert machine.acquire(rec, 20_001, RESET, 1, LEASE, "t") == ("closed", 0.0, None)
+    assert machine.failure(rec, 30_000, 3, WINDOW, None) == OPEN
+    assert (rec.state, rec.opened_at, rec.failures) == (OPEN, 30_000, 0)
+    assert machine.peek(rec, 30_400, RESET) == (OPEN, 600)
+    assert machine.acquire(rec, 30_999, RESET, 1, LEASE, "t") == ("open", 1, None)
+
+
+def test_the_window_ending_starts_the_count_again() -> None:
+    window = 1_000
+    rec = machine.Record()
+    machine.failure(rec, 10_000, 3, window, None)
+    machine.failure(rec, 10_900, 3, window, None)
+    # 1,001 ms after the first failure: a new window, counting from one.
+    assert machine.failure(rec, 11_001, 3, window, None) is None
+    assert (rec.failures, rec.window_start) == (1, 11_001)
+    assert machine.failure(rec, 11_500, 3, window, None) is None
+    assert machine.failure(rec, 12_001, 3, window, None) == OPEN  # within 11,001 + 1,000
+
+
+def test_a_success_does_not_reset_the_count() -> None:
+    rec = machine.Record()
+    machine.failure(rec, 1_000, 3, WINDOW, None)
+    machine.failure(rec, 1_100, 3, WINDOW, None)
+    assert machine.success(rec, 1_200, None) is None
+    assert machine.failure(rec, 1_300, 3, WINDOW, None) == OPEN
+
+
+def test_fail_max_one_opens_on_the_first_failure() -> None:
+    rec = machine.Record()
+    assert machine.failure(rec, 5, 1, WINDOW, None) == OPEN
+
+
+def test_failures_while_open_change_nothing() -> None:
+    rec = opened(10_000)
+    before = copy.deepcopy(rec)
+    for at in (10_001, 10_500, 10_999, 11_500):
+        assert machine.failure(rec, at, 3, WINDOW, None) is None
+        assert machine.success(rec, at, None) is None
+    assert rec == before  # still opened at 10,000: stale reports do not push the trial back
+
+
+def test_half_open_after_reset_timeout_and_the_first_caller_holds_the_trial() -> None:
+    rec = opened(10_000)
+    assert machine.acquire(rec, 10_999, RESET, 1, LEASE, "a") == ("open", 1, None)
+    assert machine.peek(rec, 11_000, RESET) == (HALF_OPEN, 0.0)
+    assert rec.state == OPEN  # peeking changes nothing
+    assert machine.acquire(rec, 11_000, RESET, 1, LEASE, "a") == ("trial", 0.0, HALF_OPEN)
+    assert rec.state == HALF_OPEN
+    assert machine.peek(rec, 11_001, RESET) == (HALF_OPEN, 0.0)
+
+
+def test_trials_are_limited_to_max_trials_and_busy_says_when_to_look_again() -> None:
+    rec = opened(10_000)
+    assert machine.acquire(rec, 11_000, RESET, 2, LEASE, "a") == ("trial", 0.0, HALF_OPEN)
+    assert machine.acquire(rec, 11_100, RESET, 2, LEASE, "b") == ("trial", 0.0, None)
+    # Leases end at 16,000 and 16,100: look again after one reset (1,000) at most.
+    assert machine.acquire(rec, 11_200, RESET, 2, LEASE, "c") == (HALF_OPEN, RESET, None)
+    # With short leases, when the first one ends.
+    rec = opened(10_000)
+    assert machine.acquire(rec, 11_000, RESET, 2, 300, "a")[0] == "trial"
+    assert machine.acquire(rec, 11_100, RESET, 2, 300, "b")[0] == "trial"
+    assert machine.acquire(rec, 11_200, RESET, 2, 300, "c") == (HALF_OPEN, 100, None)
+    # An ended lease frees its slot.
+    assert machine.acquire(rec, 11_300, RESET, 2, 300, "c") == ("trial", 0.0, None)
+    assert machine.acquire(rec, 11_301, RESET, 2, 300, "d") == (HALF_OPEN, 99, None)
+
+
+def test_a_trial_that_succeeds_closes_it() -> None:
+    rec = opened(10_000)
+    machine.acquire(rec, 11_000, RESET, 2, LEASE, "a")
+    machine.acquire(rec, 11_000, RESET, 2, LEASE, "b")
+    assert machine.success(rec, 11_500, "b") == CLOSED
+    assert (rec.state, rec.failures, rec.trials) == (CLOSED, 0, {})
+    assert machine.acquire(rec, 11_501, RESET, 2, LEASE, "c") == ("closed", 0.0, None)
+    # The other trial's report comes too late to change anything.
+    assert machine.success(rec, 11_600, "a") is None
+    assert machine.failure(rec, 11_600, 3, WINDOW, "a") is None
+    assert rec.state == CLOSED and rec.failures == 1  # counted as an ordinary failure
+
+
+def test_a_trial_that_fails_opens_it_again_for_a_full_reset() -> None:
+    rec = opened(10_000)
+    machine.acquire(rec, 11_000, RESET, 1, LEASE, "a")
+    assert machine.failure(rec, 11_400, 3, WINDOW, "a") == OPEN
+    assert (rec.state, rec.opened_at, rec.trials) == (OPEN, 11_400, {})
+    assert machine.peek(rec, 11_500, RESET) == (OPEN, 900)
+    assert machine.acquire(rec, 12_399, RESET, 1, LEASE, "b") == ("open", 1, None)
+    assert machine.acquire(rec, 12_400, RESET, 1, LEASE, "b") == ("trial", 0.0, HALF_OPEN)
+
+
+def test_reports_from_non_trials_during_half_open_change_nothing() -> None:
+    rec = opened(10_000)
+    machine.acquire(rec, 11_000, RESET, 1, LEASE, "a")
+    before = copy.deepcopy(rec)
+    for token in (None, "stranger", ""):
+        assert machine.failure(rec, 11_100, 1, WINDOW, token) is None
+        assert machine.success(rec, 11_100, token) is None
+    assert rec == before
+
+
+def test_a_trial_whose_lease_ended_changes_nothing() -> None:
+    rec = opened(10_000)
+    machine.acquire(rec, 11_000, RESET, 1, 300, "a")
+    assert machine.success(rec, 11_300, "a") is None  # its lease ended at 11,300
+    assert machine.failure(rec, 11_300, 3, WINDOW, "a") is None
+    assert rec.state == HALF_OPEN
+    assert machine.acquire(rec, 11_301, RESET, 1, 300, "b") == ("trial", 0.0, None)
+    assert machine.success(rec, 11_400, "b") == CLOSED
+
+
+# -- the circuit: a cached view, on a fake clock ----------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class CountingStore:
+    """A memory store that counts its calls and can be told to fail."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.inner = MemoryBreakerStore(clock=clock)
+        self.calls: Counter[str] = Counter()
+        self.broken = False
+
+    def __getattr__(self, op: str) -> Any:
+        method = getattr(self.inner, op)
+
+        def call(*args: Any) -> Any:
+            self.calls[op] += 1
+            if self.broken:
+                raise ConnectionError("state store down")
+            return method(*args)
+
+        return call
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(breaker_module, "time", SimpleNamespace(monotonic=fake))
+    return fake
+
+
+def circuit(clock: Clock, **settings: Any) -> tuple[Circuit, CountingStore]:
+    settings = {"fail_max": 2, "reset_timeout": 10, "cache_seconds": 1, **settings}
+    store = CountingStore(clock)
+    return Circuit("pay", Breaker(**settings), store, lease=60.0), store
+
+
+def fail(c: Circuit, times: int = 1) -> None:
+    for _ in range(times):
+        verdict = c.before()
+        c.after(verdict.token, Downstream())
+
+
+def test_a_closed_circuit_costs_no_store_call_per_task(clock: Clock) -> None:
+    c, store = circuit(clock)
+    for _ in range(1_000):
+        verdict = c.before()
+        assert verdict.run and verdict.token is None
+        c.after(verdict.token, None)  # a success while closed: the free path
+        c.after(None, Retry())
+        c.after(None, Ignore())
+    assert store.calls == {"peek": 1}  # the first look; then the cache is fresh
+
+
+def test_a_closed_circuit_peeks_at_most_once_per_cache_seconds(clock: Clock) -> None:
+    c, store = circuit(clock, cache_seconds=0.25)
+    for _ in range(1_000):  # 10 s of tasks, one every 10 ms
+        assert c.before().run
+        clock.advance(0.01)
+    assert store.calls["peek"] <= 10 / 0.25 + 1
+    assert set(store.calls) == {"peek"}
+
+
+def test_an_open_circuit_peeks_at_most_once_per_cache_seconds(clock: Clock) -> None:
+    c, store = circuit(clock, reset_timeout=30, cache_seconds=0.5)
+    fail(c, 2)
+    store.calls.clear()
+    for _ in range(500):  # 5 s of refused tasks
+        verdict = c.before()
+        assert not verdict.run and 0 < verdict.retry_after <= 30
+        clock.advance(0.01)
+    assert store.calls["peek"] <= 5 / 0.5 + 1
+    assert set(store.calls) == {"peek"}
+
+
+def test_only_failures_and_trials_reach_the_store(clock: Clock) -> None:
+    c, store = circuit(clock, fail_max=100, exclude=(ClientError,))
+    c.before()
+    store.calls.clear()
+    c.after(None, ClientError())
+    c.after(None, SoftTimeLimitExceeded())
+    assert store.calls == {}
+    c.after(None, Downstream())
+    c.after(None, TimeLimitExceeded(5))
+    assert store.calls == {"failure": 2}
+
+
+def test_a_full_cycle_tells_the_listeners_old_and_new_state_names(clock: Clock) -> None:
+    listener = Listener()
+    c, _ = circuit(clock, listeners=(BrokenListener(), listener))
+    fail(c, 2)
+    assert listener.changes == [(CLOSED, OPEN)]
+    assert all(cb.name == "pay" for cb in listener.breakers)
+    refused = c.before()
+    assert not refused.run and refused.retry_after == pytest.approx(10)
+    assert c.state() == (OPEN, pytest.approx(10))
+
+    clock.advance(10)
+    trial = c.before()
+    assert trial.run and trial.token is not None
+    assert listener.changes[-1] == (OPEN, HALF_OPEN)
+    busy = c.before()  # the one trial is taken
+    assert not busy.run and 0 < busy.retry_after <= 10
+    assert c.state()[0] == HALF_OPEN  # not "open": the gauge shows 1
+
+    c.after(trial.token, Downstream())  # the trial failed: open for another reset
+    assert listener.changes[-1] == (HALF_OPEN, OPEN)
+    assert c.state() == (OPEN, pytest.approx(10))
+    clock.advance(10)
+    trial = c.before()
+    c.after(trial.token, None)
+    assert listener.changes == [
+        (CLOSED, OPEN),
+        (OPEN, HALF_OPEN),
+        (HALF_OPEN, OPEN),
+        (OPEN, HALF_OPEN),
+        (HALF_OPEN, CLOSED),
+    ]
+    assert c.transitions == {OPEN: 2, HALF_OPEN: 2, CLOSED: 1}
+    assert c.before().run and c.state() == (CLOSED, 0.0)
+
+
+def test_a_trial_ending_in_control_flow_is_not_a_failure(clock: Clock) -> None:
+    c, _ = circuit(clock)
+    fail(c, 2)
+    clock.advance(10)
+    trial = c.before()
+    c.after(trial.token, Retry())
+    assert c.state()[0] == CLOSED
+
+
+def test_another_process_sees_the_transition_within_cache_seconds(clock: Clock) -> None:
+    store = MemoryBreakerStore(clock=clock)
+    breaker = Breaker(fail_max=2, reset_timeout=10, cache_seconds=0.5)
+    here, there = Circuit("pay", breaker, store, 60), Circuit("pay", breaker, store, 60)
+    assert there.before().run  # "there" caches "closed"
+    fail(here, 2)
+    assert there.before().run  # stale, for at most cache_seconds
+    clock.advance(0.5)
+    assert not there.before().run
+
+
+def test_a_failing_listener_never_breaks_the_circuit(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    c, _ = circuit(clock, listeners=(BrokenListener(),))
+    with caplog.at_level(logging.ERROR, logger="celery_bulkhead.breaker"):
+        fail(c, 2)
+    assert c.state()[0] == OPEN
+    assert "a listener failed" in caplog.text
+
+
+@pytest.mark.parametrize("op", ["peek", "failure", "acquire"])
+def test_state_errors_fall_back_to_closed_by_default(clock: Clock, op: str) -> None:
+    c, store = circuit(clock)
+    if op == "acquire":  # reach a trial first
+        fail(c, 2)
+        clock.advance(10)
+        store.inner.peek(c)
+    store.broken = True
+    if op == "failure":
+        c.after(None, Downstream())
+    clock.advance(1)
+    verdict = c.before()
+    assert verdict.run and verdict.token is None
+    assert c.state()[0] == CLOSED
+
+
+def test_state_errors_fall_back_to_open_when_asked(clock: Clock) -> None:
+    c, store = circuit(clock, on_state_error="open", cache_seconds=0.5)
+    store.broken = True
+    verdict = c.before()
+    assert not verdict.run and verdict.retry_after == pytest.approx(0.5)
+    assert c.state() == (OPEN, pytest.approx(0.5))
+    clock.advance(0.5)
+    store.broken = False  # back: the next look after cache_seconds sees it
+    assert c.before().run
+
+
+def test_state_errors_are_logged_at_most_every_ten_seconds(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    c, store = circuit(clock, cache_seconds=0.05)
+    store.broken = True
+    with caplog.at_level(logging.WARNING, logger="celery_bulkhead.breaker"):
+        for _ in range(200):  # 19.9 s
+            c.before()
+            clock.advance(0.1)
+    warnings = [r.getMessage() for r in caplog.records if "state unavailable" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "1 time(s)" in warnings[0] and "100 time(s)" in warnings[1]
+    assert "ConnectionError" in warnings[0] and "acting as closed" in warnings[0]
+    assert store.calls["peek"] == 200  # one look per cache_seconds, each failing
