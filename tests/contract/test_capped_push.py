@@ -111,3 +111,25 @@ def test_concurrent_producers_never_push_past_the_cap(connection: Connection, qu
         thread.join(timeout=60)
     assert len(admitted) == 50  # of 200 attempts
     assert depth(connection, queue) == 50
+
+
+def test_a_capped_push_refreshes_the_queues_expiry_like_kombu() -> None:
+    """Redis: kombu's own ``_put`` PEXPIREs a queue declared with x-expires; so does the capped push."""
+    import redis
+
+    caps.install("redis")
+    name = f"contract-exp-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name, expires=120)
+    client = redis.Redis.from_url(BROKERS["redis"])
+    with Connection(BROKERS["redis"]) as conn:
+        # kombu remembers a queue's x-expires on the channel that declared it:
+        # the producer's own channel, as when Celery declares before publishing.
+        queue(conn.default_channel).declare()
+        try:
+            publish(conn, queue, cap=5)
+            ttl = client.pttl(name)
+            assert 0 < ttl <= 120_000
+        finally:
+            with conn.channel() as channel:
+                queue(channel).delete()
+            client.delete(name)
