@@ -48,7 +48,9 @@ def take(tat: float | None, now: float, interval: float, burst: int, horizon: fl
     """
     base = now if tat is None or tat < now else tat
     new_tat = base + interval
-    wait = new_tat - burst * interval - now
+    # (base - now) first: a fresh bucket's wait is exactly -(burst - 1) * interval,
+    # with no rounding error that could refuse its very first request.
+    wait = (base - now) - (burst - 1) * interval
     if wait <= 0:
         return Take(True, new_tat, 0.0)
     if wait <= horizon:

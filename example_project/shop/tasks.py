@@ -1,7 +1,8 @@
-"""Example tasks, one for each way of putting a task in a pool.
+"""The shop's tasks: two ways of putting a task in a pool, and one task in none.
 
-The work is simulated with ``time.sleep`` so the example needs nothing but
-Redis.
+The reports are in ``shop/reports.py``, put in their pool by name pattern.
+Payments are simulated with ``time.sleep``; webhooks are real HTTP POSTs
+(to ``receiver.py`` by default).
 """
 
 from __future__ import annotations
@@ -10,31 +11,32 @@ import time
 from typing import Any
 
 from .celery import app, bulkhead
+from .delivery import ReceiverFailed, post_json
 
 
 @app.task(bulkhead="payments")
 def charge(order_id: int, amount_cents: int) -> str:
-    """Charge an order. In the payments pool through the ``bulkhead`` option."""
+    """Charge an order. In the payments pool through the ``bulkhead`` task option."""
     time.sleep(0.2)  # the payment provider's round trip
     return f"charged order {order_id}: {amount_cents} cents"
 
 
-@bulkhead.task(pool="webhooks")
-def deliver_webhook(url: str, payload: dict[str, Any], seconds: float = 0.5) -> str:
-    """Deliver a webhook. In the webhooks pool through ``@bulkhead.task``.
+@bulkhead.task(
+    pool="webhooks",
+    # A sick receiver gets retried with backoff; a 4xx (ReceiverRefused) does not.
+    autoretry_for=(ReceiverFailed,),
+    retry_backoff=5,
+    retry_backoff_max=300,
+    max_retries=5,
+)
+def deliver_webhook(*, tenant_id: str, event: str, data: dict[str, Any]) -> int:
+    """POST one event to the webhook receiver. In the webhooks pool through ``@bulkhead.task``.
 
-    ``seconds`` stands in for how slow the receiving end is: send a batch with
-    ``seconds=60`` to see payments keep running while webhooks are stuck.
+    Keyword-only: the pool's tenant limit reads ``tenant_id`` from the call's
+    keyword arguments.  Returns the receiver's HTTP status.
     """
-    time.sleep(seconds)
-    return f"delivered {len(payload)} fields to {url}"
-
-
-@app.task(name="reports.daily_sales")
-def daily_sales(day: str) -> str:
-    """Build a report. In the reports pool because its name matches ``reports.*``."""
-    time.sleep(5)
-    return f"sales report for {day}"
+    body = {"tenant": tenant_id, "event": event, "data": data}
+    return post_json(app.conf.shop_webhook_url, body, timeout=app.conf.shop_webhook_timeout)
 
 
 @app.task

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import redis
@@ -47,7 +48,11 @@ def make_prefixed_app(broker_url: str, prefix: str) -> Celery:
     def hang(self: Any, tag: str, release_key: str) -> None:
         """Runs until the test pushes to release_key."""
         record(self, "started", tag)
-        records.blpop([release_key], timeout=60)
+        # Polled, not a blocking BLPOP: a blocking read on a shared client was
+        # seen to time out after 5 s in a worker under load.
+        deadline = time.monotonic() + 60
+        while records.lpop(release_key) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         record(self, "done", tag)
 
     return app

@@ -209,7 +209,7 @@ def _pool(app: Celery) -> Any:
 
 PRODUCERS = 8
 DURATION = 2.5
-RATE, BURST = 100.0, 50
+RATE, BURST = 40.0, 20
 QUIET_EVERY = 0.1  # the quiet tenant: 10/s, a tenth of its rate
 
 

@@ -477,3 +477,14 @@ def test_a_missing_or_bad_tenant_is_a_configuration_error(
         limit.tenant_of(args, kwargs, headers, "shop.charge")
     assert error.value.setting in ("tenant.key", "tenant id")
     assert "shop.charge" in str(error.value)
+
+
+def test_a_new_tenants_first_request_is_never_refused_by_rounding() -> None:
+    """``new_tat - burst * interval - now`` came out at ~4e-10 for some ``now``: a refusal."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(100_000):
+        now = rng.uniform(1e3, 2e9)
+        first = take(None, now, interval=3600.0, burst=1)
+        assert first.allowed and first.wait == 0, now
