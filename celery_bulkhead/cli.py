@@ -12,16 +12,24 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import click
+from celery.app.routes import MapRoute, Router, prepare
 from celery.bin.base import CeleryCommand
+from kombu import Queue
 
-from .bulkhead import Bulkhead, installed_on
+from . import settings, sizing
+from .bulkhead import Bulkhead, _state_url, installed_on
+from .caps import check_transport, transport_of
 from .errors import ConfigurationError
 from .pool import Pool
-from .routing import consumed_queues
+from .routing import BulkheadRouter, consumed_queues
 from .status import Report, report, unknown
 from .supervisor import Supervisor, WorkerSpec
 from .tenants.limiter import Limiter
@@ -310,3 +318,407 @@ def _report_within(app: Any, pools: list[Pool], timeout: float) -> Report:
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     return outcome[0]
+
+
+# -- size: Little's law (the arithmetic is in sizing.py) ------------------------
+
+
+def _checked(parse: Callable[[Any, str], Any]) -> Callable[..., Any]:
+    """An option callback: ``parse`` the value; its refusal is a click error naming the option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value, param.name or "")
+        except ConfigurationError as exc:
+            raise click.BadParameter(_refusal(exc), ctx, param) from None
+
+    return callback
+
+
+def _refusal(exc: ConfigurationError) -> str:
+    detail = f" ({exc.detail})" if exc.detail else ""
+    return f"{exc.value!r} is not allowed; allowed: {exc.allowed}{detail}"
+
+
+def _count(maximum: int) -> Callable[..., Any]:
+    return _checked(lambda value, name: sizing.parse_count(value, name, maximum))
+
+
+def _fraction(high: float, zero: bool) -> Callable[..., Any]:
+    return _checked(lambda value, name: sizing.parse_fraction(value, name, high=high, zero=zero))
+
+
+def _window(value: Any, name: str) -> float:
+    try:
+        seconds = sizing.parse_seconds(value, name)
+    except ConfigurationError:
+        seconds = 0.0
+    if not 0.1 <= seconds <= 600:
+        raise ConfigurationError(None, name, value, "seconds from 0.1 to 600, such as 5 or '500ms'")
+    return seconds
+
+
+def _scrape(url: str, pool: str | None) -> sizing.Snapshot:
+    """One scrape of a pool worker's ``/metrics``; a click error naming ``--from`` if unusable."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise click.BadParameter(
+            f"{url!r} is not allowed; allowed: an http:// or https:// URL such as "
+            "http://127.0.0.1:9100/metrics",
+            param_hint="--from",
+        )
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read(16 * 2**20).decode("utf-8", "replace")
+    except (OSError, ValueError) as exc:  # URLError, HTTPError and timeouts are OSErrors
+        reason = getattr(exc, "reason", None) or exc
+        raise click.BadParameter(f"{url!r} cannot be read: {reason}", param_hint="--from") from exc
+    try:
+        return sizing.read_metrics(text, pool)
+    except sizing.MetricsError as exc:
+        raise click.BadParameter(f"{url!r}: {exc}", param_hint="--from") from None
+
+
+def _observe(urls: Sequence[str], pool: str | None, window: float) -> sizing.Observation:
+    """Scrape every URL, wait ``window`` seconds, scrape again."""
+    started = time.monotonic()
+    first = [_scrape(url, pool) for url in urls]
+    time.sleep(window)
+    elapsed = time.monotonic() - started
+    second = [_scrape(url, pool) for url in urls]
+    try:
+        return sizing.observe(first, second, elapsed)
+    except sizing.MetricsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--from") from None
+
+
+def _observed_lines(seen: sizing.Observation, urls: Sequence[str]) -> list[str]:
+    where = urls[0] if len(urls) == 1 else f"{len(urls)} nodes"
+    since = "in the window" if seen.from_window else "since the workers started"
+    p99 = "?" if seen.p99 is None else f"{seen.p99:.3g} s"
+    mean = "?" if seen.latency is None else f"{seen.latency:.3g} s"
+    return [
+        f"observed pool {seen.pool!r} at {where} for {seen.window:.1f} s: "
+        f"{seen.finished:g} tasks finished, arrivals {seen.rate:.3g}/s "
+        "(finished + queue and in-flight growth)",
+        f"  latency mean {mean}, p99 {p99} (from {seen.samples:g} tasks {since})",
+    ]
+
+
+@bulkhead.command(cls=CeleryCommand)
+@click.option(
+    "--rate",
+    callback=_checked(sizing.parse_rate),
+    metavar="RATE",
+    help="Arrivals: '200/s', '600/m', '3600/h'.",
+)
+@click.option(
+    "--latency",
+    callback=_checked(sizing.parse_seconds),
+    metavar="SECONDS",
+    help="Mean task run time.",
+)
+@click.option(
+    "--p99",
+    callback=_checked(sizing.parse_seconds),
+    metavar="SECONDS",
+    help="p99 run time (sized by it).",
+)
+@click.option(
+    "--downstream",
+    callback=_count(sizing.MAX_DOWNSTREAM),
+    metavar="N",
+    help="Most concurrent calls the downstream accepts, fleet-wide.",
+)
+@click.option(
+    "--instances",
+    callback=_count(sizing.MAX_INSTANCES),
+    metavar="N",
+    help="Worker nodes running the pool (default 1, or one per --from URL).",
+)
+@click.option(
+    "--utilization",
+    callback=_fraction(1.0, zero=False),
+    metavar="FRACTION",
+    help="Busy fraction to plan for: 0.7 (default) or '70%'.",
+)
+@click.option(
+    "--headroom",
+    callback=_fraction(sizing.MAX_HEADROOM, zero=True),
+    metavar="FRACTION",
+    help="Instead of --utilization: extra over Little's L, 0.2 or '20%'.",
+)
+@click.option(
+    "--max-wait",
+    callback=_checked(sizing.parse_seconds),
+    metavar="SECONDS",
+    help="Longest acceptable queue wait: suggests a max_queue.",
+)
+@click.option("--pool", "-p", "pool_name", metavar="NAME", help="Compare with this pool.")
+@click.option(
+    "--from",
+    "urls",
+    multiple=True,
+    metavar="URL",
+    help="Observe rate and latency from a pool worker's /metrics (repeatable: one per node).",
+)
+@click.option(
+    "--window",
+    callback=_checked(_window),
+    default="5",
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between the two scrapes of --from.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the explanation.")
+@click.pass_context
+def size(
+    ctx: click.Context,
+    rate: float | None,
+    latency: float | None,
+    p99: float | None,
+    downstream: int | None,
+    instances: int | None,
+    utilization: float | None,
+    headroom: float | None,
+    max_wait: float | None,
+    pool_name: str | None,
+    urls: tuple[str, ...],
+    window: float,
+    as_json: bool,
+) -> None:
+    """Workers a pool needs, by Little's law, with the arithmetic shown.
+
+    Sized by the p99 when given, for a 70 % utilisation (or --headroom), per
+    instance, and never above the --downstream limit. --from reads the arrival
+    rate and latencies of a running pool worker instead; options given
+    alongside it override what was observed.
+    """
+    pool = _selected(_bulkhead(ctx), [pool_name])[0] if pool_name else None
+    seen = _observe(urls, pool_name, window) if urls else None
+    if seen is not None:
+        if rate is None and seen.rate <= 0:
+            raise click.BadParameter(
+                f"no task arrived at pool {seen.pool!r} in {seen.window:.1f} s: nothing to "
+                "size from (use a longer --window, or give --rate)",
+                param_hint="--from",
+            )
+        if latency is None and p99 is None and seen.latency is None:
+            raise click.BadParameter(
+                f"no task of pool {seen.pool!r} has finished yet: no latency to size from "
+                "(wait for some, or give --latency)",
+                param_hint="--from",
+            )
+        rate = seen.rate if rate is None else rate
+        latency = (seen.latency or None) if latency is None else latency
+        p99 = (seen.p99 or None) if p99 is None else p99
+    elif rate is None or (latency is None and p99 is None):
+        missing = "--rate" if rate is None else "--latency (or --p99)"
+        raise click.UsageError(f"Missing option {missing}: give it, or observe with --from URL")
+    assert rate is not None
+    try:
+        workload = sizing.Workload(
+            rate=rate,
+            latency=latency,
+            p99=p99,
+            downstream=downstream,
+            instances=instances or max(1, len(urls)),
+            utilization=utilization,
+            headroom=headroom,
+            max_wait=max_wait,
+        )
+    except ConfigurationError as exc:
+        option = "--" + exc.setting.replace("_", "-")
+        raise click.BadParameter(_refusal(exc), param_hint=option) from None
+    plan = sizing.size(workload)
+    lines: list[str] = []
+    if pool is not None:
+        lines = sizing.compare(plan, pool.name, pool.concurrency, pool.max_queue, pool.worker_pool)
+    elif seen is not None and seen.concurrency is not None:
+        per_node = seen.concurrency / seen.nodes
+        lines = sizing.compare(plan, seen.pool, per_node, None)
+    if as_json:
+        data: dict[str, Any] = {
+            **plan.as_dict(),
+            "observed": None if seen is None else seen.as_dict(),
+            "pool": None
+            if pool is None
+            else {"name": pool.name, "concurrency": pool.concurrency, "max_queue": pool.max_queue},
+        }
+        click.echo(json.dumps(data, indent=2))
+        return
+    if seen is not None:
+        click.echo("\n".join(_observed_lines(seen, urls)))
+    click.echo("\n".join([*plan.explain(), *lines]))
+
+
+# -- check: routes, pools and declared queues ------------------------------------
+# The rules, and why each matters, are listed in docs/sizing.md ("Checking the topology").
+
+
+@dataclass(frozen=True)
+class _Finding:
+    severity: str  # "error" or "warning"
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.code}: {self.message}"
+
+
+def _destination(route: Any) -> str | None:
+    """The queue (or pool exchange) a route sends to, by name."""
+    if isinstance(route, Mapping):
+        route = route.get("queue") or route.get("exchange")
+    name = getattr(route, "name", route)  # a kombu Queue or Exchange, or a name
+    return name if isinstance(name, str) and name else None
+
+
+def _routed(router: Router, name: str, task: Any) -> str | None:
+    try:
+        return _destination(router.lookup_route(name, (), {}, {}, task))
+    except Exception:  # a router that needs the call's arguments cannot be judged here
+        return None
+
+
+def _declared(queues: Any) -> set[str]:
+    if isinstance(queues, Mapping):
+        return {q.name if isinstance(q, Queue) else str(k) for k, q in queues.items()}
+    return {q.name for q in queues or () if isinstance(q, Queue)}
+
+
+def _topology(app: Any, bulkhead: Bulkhead) -> list[_Finding]:
+    """Every finding of ``check`` for an app with a Bulkhead."""
+    found: list[_Finding] = []
+
+    def add(severity: str, code: str, *message: str) -> None:
+        found.append(_Finding(severity, code, "".join(message)))
+
+    pools = bulkhead.pools
+    owner = {queue: pool for pool in pools for queue in consumed_queues(pool)}
+    conf = app.conf
+    routes = conf.task_routes
+    entries = list(routes) if isinstance(routes, (list, tuple)) else [routes]
+    if not any(isinstance(entry, BulkheadRouter) for entry in entries):
+        add(
+            "error",
+            "router-missing",
+            "task_routes was replaced after Bulkhead(app): pool ",
+            "tasks are not routed to their pools",
+        )
+    own = [e for e in entries if e is not None and not isinstance(e, BulkheadRouter)]
+    router = Router(prepare(own), app=app)
+    declared = _declared(conf.task_queues)
+    for queue, pool in owner.items():
+        if queue not in declared:
+            add(
+                "error",
+                "queue-not-declared",
+                f"queue {queue!r} of pool {pool.name!r} is not ",
+                "in task_queues: workers would declare it without the pool's exchange and cap",
+            )
+    driver = transport_of(app)
+    for pool in pools:
+        try:
+            check_transport(pool, driver)
+        except ConfigurationError as exc:
+            add("error", "transport", f"{exc}, with the broker as configured now")
+    if any(pool.tenant is not None or pool.breaker is not None for pool in pools):
+        try:
+            _state_url(app, settings.read(app, pools=pools), driver, pools)
+        except ConfigurationError as exc:
+            add("error", "state-url", f"{exc}, with the broker as configured now")
+    assigned: dict[str, list[str]] = {pool.name: [] for pool in pools}
+    for name, task in sorted(app.tasks.items()):
+        if name.startswith("celery."):
+            continue
+        try:
+            home = bulkhead.assignment.resolve(name, task)
+        except ConfigurationError as exc:
+            add("error", "unknown-pool", str(exc))
+            continue
+        if home is not None:
+            assigned[home.name].append(name)
+        sources: list[tuple[str, Any]] = [
+            ("task_routes", _routed(router, name, task)),
+            ("its queue= option", getattr(task, "queue", None)),
+        ]
+        for source, queue in sources:
+            target = owner.get(queue) if isinstance(queue, str) else None
+            if home is None and target is not None:
+                add(
+                    "error",
+                    "route-into-pool",
+                    f"task {name!r} is in no pool, but {source} ",
+                    f"sends it to queue {queue!r} of pool {target.name!r}, where it takes the ",
+                    f"pool's slots: assign it (bulkhead={target.name!r}) or route it elsewhere",
+                )
+            elif home is None or queue is None or queue in consumed_queues(home):
+                continue
+            elif source != "task_routes":
+                add(
+                    "error",
+                    "queue-overrides-pool",
+                    f"task {name!r} is in pool {home.name!r}, ",
+                    f"but its queue={queue!r} option wins over the pool's router: it is ",
+                    f"published to {queue!r}; remove the option",
+                )
+            else:
+                other = "" if target is None else f" of pool {target.name!r}"
+                add(
+                    "warning",
+                    "shadowed-route",
+                    f"task {name!r} is in pool {home.name!r}: its ",
+                    f"task_routes entry (queue {queue!r}{other}) is never used; remove it",
+                )
+    for entry in own:
+        for key, value in entry.items() if isinstance(entry, Mapping) else ():
+            route = MapRoute({key: value})
+            queue = _destination(value) or ""
+            if queue in owner and not any(route(name) for name in app.tasks):
+                add(
+                    "warning",
+                    "route-into-pool",
+                    f"task_routes entry {key!r} sends tasks to ",
+                    f"queue {queue!r} of pool {owner[queue].name!r} but matches no registered ",
+                    "task: the pool's workers would not know a task sent by that name",
+                )
+    for pool_name, names in assigned.items():
+        if not names:
+            add(
+                "warning",
+                "empty-pool",
+                f"pool {pool_name!r} has no registered task (none ",
+                f"with bulkhead={pool_name!r}, none matching its tasks= patterns)",
+            )
+    return found
+
+
+@bulkhead.command(cls=CeleryCommand)
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Lint the topology: task routes, pools and declared queues.
+
+    One line per finding, naming the task, pool or queue. Exit 0 when clean,
+    1 when something was found (the rules: docs/sizing.md).
+    """
+    app = ctx.obj.app
+    try:
+        bulkhead = installed_on(app)
+    except ConfigurationError as exc:
+        click.echo(str(_Finding("error", "no-bulkhead", str(exc))))
+        ctx.exit(1)
+    try:
+        # The modules workers import (include=, imports=, autodiscovery) too.
+        app.loader.import_default_modules()
+        found = _topology(app, bulkhead)
+    except ConfigurationError as exc:  # a task decorated into a pool that does not exist
+        found = [_Finding("error", "unknown-pool", f"{exc} (nothing else checked)")]
+    for finding in found:
+        click.echo(str(finding))
+    if found:
+        errors = sum(finding.severity == "error" for finding in found)
+        click.echo(f"{errors} error(s), {len(found) - errors} warning(s)", err=True)
+        ctx.exit(1)
+    click.echo(f"no findings: {len(bulkhead.pools)} pool(s); routes, pools and queues agree")

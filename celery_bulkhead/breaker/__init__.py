@@ -202,6 +202,9 @@ class Verdict:
     retry_after: float = 0.0
 
 
+_RUN = Verdict(True)
+
+
 class Circuit:
     """One breaker's runtime in this process: the cached state, the store, the listeners."""
 
@@ -247,9 +250,11 @@ class Circuit:
 
     def before(self) -> Verdict:
         """May a task start now?  Free while the cached state is a fresh "closed"."""
+        if self._state == CLOSED and time.monotonic() < self._until:
+            return _RUN  # the hot path: no store call, no allocation
         state, retry_after = self.state()
         if state == CLOSED:
-            return Verdict(True)
+            return _RUN
         if retry_after > 0:  # open, or half-open with every trial taken
             return Verdict(False, retry_after=retry_after)
         token = uuid.uuid4().hex
@@ -265,13 +270,15 @@ class Circuit:
             return Verdict(True, token=token)
         if answer == CLOSED:
             self._remember(CLOSED, 0.0)
-            return Verdict(True)
+            return _RUN
         # "open" (another process opened it again) or "half-open" (every trial is taken).
         self._remember(HALF_OPEN if answer == HALF_OPEN else OPEN, wait)
         return Verdict(False, retry_after=max(wait / 1000, 0.05))
 
     def after(self, token: str | None, exc: BaseException | None) -> None:
         """Report how a guarded task ended (only failures and trials reach the store)."""
+        if token is None and exc is None:
+            return  # the hot path: a success while closed
         failed = self.breaker.is_failure(exc)
         if not failed and token is None:
             return  # the free path: a success while closed
@@ -285,6 +292,22 @@ class Circuit:
             return
         if transition:
             self._changed(HALF_OPEN if token else CLOSED, transition)
+        self._remember(state, wait)
+
+    def release(self, token: str | None) -> None:
+        """Give back a trial granted to a task that then did not run (deferred, revoked).
+
+        Its slot is free at once instead of when its lease ends (a minute or
+        more, during which no other trial could run).  Best effort: if the
+        store cannot be reached, the lease still ends on its own.
+        """
+        if token is None:
+            return
+        try:
+            state, wait, _ = self.store.release(self, token)
+        except Exception as exc:
+            logger.debug("celery-bulkhead: breaker %r: release failed: %r", self.name, exc)
+            return
         self._remember(state, wait)
 
     # -- bookkeeping ------------------------------------------------------------------

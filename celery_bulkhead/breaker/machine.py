@@ -17,7 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Record", "acquire", "failure", "peek", "success"]
+__all__ = [
+    "CLOSED",
+    "HALF_OPEN",
+    "OPEN",
+    "Record",
+    "acquire",
+    "failure",
+    "peek",
+    "release",
+    "success",
+]
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"  # pybreaker's state names
 
@@ -95,6 +105,15 @@ def success(rec: Record, now: float, token: str | None) -> str | None:
         rec.state, rec.failures, rec.window_start, rec.trials = CLOSED, 0, now, {}
         return CLOSED
     return None
+
+
+def release(rec: Record, token: str) -> None:
+    """A trial granted to a call that then did not run: its slot is free at once.
+
+    Changes no state (nobody learnt anything about the downstream); without
+    it the slot would stay taken until its lease ends.
+    """
+    rec.trials = {slot: held for slot, held in rec.trials.items() if held[0] != token}
 
 
 def _holds(rec: Record, token: str, now: float) -> bool:

@@ -63,3 +63,10 @@ class MemoryBreakerStore:
             transition = machine.success(record, now, token)
             state, wait = machine.peek(record, now, breaker.reset_timeout * 1000)
         return state, wait, transition
+
+    def release(self, circuit: Any, token: str) -> tuple[str, float, str | None]:
+        with self._lock:
+            record = self._record(circuit.name)
+            machine.release(record, token)
+            state, wait = machine.peek(record, self._now(), circuit.breaker.reset_timeout * 1000)
+        return state, wait, None

@@ -63,3 +63,6 @@ class RedisBreakerStore:
 
     def success(self, circuit: Any, token: str | None) -> tuple[str, float, str | None]:
         return self._call(circuit, "success", token)
+
+    def release(self, circuit: Any, token: str) -> tuple[str, float, str | None]:
+        return self._call(circuit, "release", token)

@@ -6,7 +6,7 @@
 --
 -- KEYS[1]  the breaker's record (a hash: state, failures, window_start, opened_at)
 -- KEYS[2..] its trial leases, one key per slot (half_open_max_calls of them); same {hash tag}
--- ARGV[1]  the operation: "peek" | "acquire" | "failure" | "success"
+-- ARGV[1]  the operation: "peek" | "acquire" | "failure" | "success" | "release"
 -- ARGV[2]  reset_timeout in ms (open -> half-open)
 -- ARGV[3]  fail_max (failures within the window that open the breaker)
 -- ARGV[4]  half_open_max_calls (trial leases: #KEYS - 1)
@@ -143,6 +143,15 @@ if op == 'success' then
     drop_trials()
     save()
     return {state, 0, 'closed'}
+  end
+  return seen()
+end
+if op == 'release' then
+  -- A trial granted to a call that then did not run: free its slot now.
+  for slot = 1, tonumber(ARGV[4]) do
+    if token ~= '' and redis.call('GET', KEYS[1 + slot]) == token then
+      redis.call('DEL', KEYS[1 + slot])
+    end
   end
   return seen()
 end

@@ -12,6 +12,7 @@ producer builds the same app with :func:`make_fleet_app` and the same values):
 * ``BULKHEAD_TEST_CAPPED``: ``0`` for a pool without ``max_queue`` (one queue);
 * ``BULKHEAD_TEST_METRICS_PORT``: the node's metrics port;
 * ``BULKHEAD_TEST_PUBLISH_TIMEOUT``: the publish deadline (also the state store's);
+* ``BULKHEAD_TEST_TIME_LIMIT``: the pool's hard time limit (seconds);
 * ``BULKHEAD_TEST_RESULTS``: ``1`` to store results in Redis db 9 under ``<prefix>:``.
 
 Each task reports to the Redis list ``<prefix>:log`` (db 9): its tag, task
@@ -31,7 +32,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from celery_bulkhead import Breaker, Bulkhead, Pool
+from celery_bulkhead import Breaker, Bulkhead, CircuitOpen, Pool
 
 RECORDS_URL = "redis://127.0.0.1:6379/9"
 POOL = "hooks"
@@ -66,6 +67,7 @@ def make_fleet_app(
     metrics_port: int | None = None,
     publish_timeout: float | None = None,
     results: bool = False,
+    time_limit: float | None = None,
 ) -> Celery:
     app = Celery("breaker_fleet", broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -94,6 +96,7 @@ def make_fleet_app(
                 concurrency=concurrency,
                 max_queue=10_000 if capped else None,
                 drain_timeout=1.5,
+                time_limit=time_limit,
                 breaker=Breaker(exclude=(ClientError,), **settings),
             )
         ],
@@ -134,6 +137,27 @@ def make_fleet_app(
             raise self.retry(countdown=0, max_retries=5)
         record(self, "done", tag)
 
+    @app.task(bind=True, bulkhead=POOL, name="fleet.wait_then_retry", shared=False)
+    def wait_then_retry(self: Any, tag: str) -> None:
+        """Wait for the test's go, publish new work, retry itself once, then succeed."""
+        if self.request.retries > 0:
+            record(self, "done", tag)
+            return
+        record(self, "waiting", tag)
+        deadline = time.monotonic() + 30
+        while not records.get(f"{prefix}:go:{tag}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            call.delay(f"{tag}-new")
+            record(self, "new-admitted", tag)
+        except CircuitOpen:
+            record(self, "new-refused", tag)
+        try:
+            raise self.retry(countdown=0, max_retries=1)
+        except CircuitOpen:
+            record(self, "retry-refused", tag)
+            raise
+
     @app.task(bind=True, bulkhead=POOL, name="fleet.ping", shared=False)
     def ping(self: Any, tag: str) -> None:
         """Touch nothing: tells the test that this node consumes."""
@@ -146,6 +170,7 @@ def _from_environment() -> Celery:
     env = os.environ
     port = env.get("BULKHEAD_TEST_METRICS_PORT")
     timeout = env.get("BULKHEAD_TEST_PUBLISH_TIMEOUT")
+    limit = env.get("BULKHEAD_TEST_TIME_LIMIT")
     return make_fleet_app(
         env.get("BULKHEAD_TEST_BROKER", RECORDS_URL),
         env.get("BULKHEAD_TEST_PREFIX", "bulkhead-test"),
@@ -157,6 +182,7 @@ def _from_environment() -> Celery:
         metrics_port=int(port) if port else None,
         publish_timeout=float(timeout) if timeout else None,
         results=env.get("BULKHEAD_TEST_RESULTS") == "1",
+        time_limit=float(limit) if limit else None,
     )
 
 

@@ -1,11 +1,12 @@
 """The breaker-store contract, on every store: in-process memory and Redis (one Lua call each).
 
-Both stores answer the same four operations (``peek``, ``acquire``,
-``failure``, ``success``) the same way, on real time: a breaker opens on
+Both stores answer the same five operations (``peek``, ``acquire``,
+``failure``, ``success``, ``release``) the same way, on real time: a breaker opens on
 its ``fail_max``-th failure within the window and not before, stays open
 for ``reset_timeout``, then lets at most ``half_open_max_calls`` trials run
 at once however many callers race for them; a trial's success closes it, its
-failure opens it again, and nobody else's report changes anything.  On
+failure opens it again, a trial given back frees its slot, and nobody
+else's report changes anything.  On
 Redis every key carries the breaker's ``{hash tag}`` and a TTL that covers
 the state it holds, and clocks of the callers do not matter.
 """
@@ -211,6 +212,19 @@ def test_a_trial_whose_lease_ended_frees_its_slot_and_changes_nothing(subject: S
     assert subject.store.success(c, "a") == (HALF_OPEN, 0, None)
     assert subject.store.failure(c, "a") == (HALF_OPEN, 0, None)
     assert subject.store.success(c, "b") == (CLOSED, 0, CLOSED)
+
+
+def test_a_trial_given_back_frees_its_slot_and_changes_nothing(subject: Subject) -> None:
+    c = subject.circuit()
+    half_open(subject, c)
+    assert subject.store.acquire(c, "a")[0] == "trial"
+    assert subject.store.release(c, "stranger") == (HALF_OPEN, 0, None)
+    assert subject.store.acquire(c, "b")[0] == HALF_OPEN  # "a" still holds it
+    assert subject.store.release(c, "a") == (HALF_OPEN, 0, None)
+    assert subject.store.success(c, "a") == (HALF_OPEN, 0, None)  # it holds nothing now
+    assert subject.store.acquire(c, "b") == ("trial", 0, None)
+    assert subject.store.success(c, "b") == (CLOSED, 0, CLOSED)
+    assert subject.store.release(c, "b") == (CLOSED, 0, None)
 
 
 @pytest.mark.parametrize("max_trials", [1, 3])

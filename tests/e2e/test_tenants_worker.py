@@ -43,6 +43,7 @@ from kombu import Connection
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_bulkhead.bulkhead import installed_on
+from celery_bulkhead.depth import queue_depth
 from celery_bulkhead.routing import consumed_queues
 from celery_bulkhead.tenants import bucket_key, lease_key
 from tests.app.tenants import CRASH_TIME_LIMIT, POOLS, make_tenants_app
@@ -175,8 +176,11 @@ class Stage:
         return [name for pool in bulkhead.pools for name in consumed_queues(pool)]
 
     def cleanup(self) -> None:
-        for worker in self.env.workers:
-            stop_gracefully(worker)
+        running = [w for w in self.env.workers if w.process.poll() is None]
+        for worker in running:  # all drain at once
+            worker.signal(signal.SIGTERM)
+        for worker in running:
+            _drained(worker)
         url = self.env.url
         queues = [*self.queues(), f"{self.env.prefix}.default"]
         client = redis.Redis.from_url(BROKERS["redis"])
@@ -186,16 +190,9 @@ class Stage:
                     for delete in ("queue_delete", "exchange_delete"):
                         with conn.channel() as channel, contextlib.suppress(*conn.channel_errors):
                             getattr(channel, delete)(name)
-        else:
-            # Our messages a worker still held (kombu restores them at shutdown,
-            # but a node stopped hard leaves them in the shared "unacked" hash).
-            for tag, payload in client.hscan_iter("unacked"):
-                if self.env.prefix.encode() in payload:
-                    client.hdel("unacked", tag)
-                    client.zrem("unacked_index", tag)
+        # On Redis every kombu key carries the prefix (tests/app/tenants.py), as do the records.
         keys = [
             *client.scan_iter(match=f"{self.env.prefix}*", count=1000),
-            *client.scan_iter(match=f"_kombu.binding.{self.env.prefix}*", count=1000),
             *(
                 make(pool, tenant)
                 for pool in POOLS
@@ -220,10 +217,14 @@ def stop_gracefully(worker: WorkerProcess) -> None:
     """SIGTERM: the supervisor drains its worker (kombu hands held messages back), then exits."""
     if worker.process.poll() is None:
         worker.signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.stop()
+        _drained(worker)
+
+
+def _drained(worker: WorkerProcess) -> None:
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        worker.stop()  # SIGQUIT: the supervisor's hard stop
 
 
 def _stage(
@@ -389,7 +390,6 @@ def test_worker_deferral_runs_every_task_once_spaced_at_the_rate(
         jitter = min(1.0, 0.1 * i * interval + 0.05)
         assert at[j] - at[i] >= (j - i) * interval - jitter - SLACK, (i, j, at[j] - at[i])
     total = at[-1] - at[0]
-    print("DEBUG", total, min(at[k] - at[0] - k * interval for k in range(len(at))))
     last = (PACED_TASKS - 1) * interval
     assert last - SLACK <= total <= last + min(1.0, 0.1 * last + 0.05) + 0.5, total
     # Deferred once each (the reserved slot runs without a second check): 29 deferrals.
@@ -408,19 +408,25 @@ def test_worker_deferral_runs_every_task_once_spaced_at_the_rate(
         "throttled": PACED_TASKS - 1,
     }
     # Nothing left to come back: no message of ours waits or is held unacknowledged.
-    for queue in consumed_queues(installed_on(stage.app).pool("paced")):
-        assert stage.env.ready_messages(queue) == 0, queue
+    with stage.app.connection_for_read() as conn:
+        for queue in consumed_queues(installed_on(stage.app).pool("paced")):
+            assert queue_depth(conn, queue) == 0, queue
     if stage.env.broker == "redis":
-        held = [p for _, p in stage.records.client.hscan_iter("unacked") if tenant.encode() in p]
+        unacked = f"{stage.env.prefix}:unacked"
+        held = [p for _, p in stage.records.client.hscan_iter(unacked) if tenant.encode() in p]
         assert held == []
 
 
 # -- a quiet tenant beside a flood --------------------------------------------------------------
 
-FLOOD_RATE = 10.0  # the flooded pool's rate per tenant
+FLOOD_RATE, FLOOD_BURST = 2.5, 2  # the flooded pool's limit per tenant
+#: 50/s: each deferral costs the node's main process ~3 ms of CPU (receive, check,
+#: publish again, ack, receive the deferred copy): a flood well within what one
+#: node defers on a busy 2-core machine.  A flood beyond it backs up the queue
+#: for every tenant (then enforce="both" stops it at the producer).
 FLOOD_FACTOR = 20
 FLOOD_SECONDS = 4.0
-QUIET_EVERY = 0.25  # 4/s: under the quiet tenant's own 10/s
+QUIET_EVERY = 0.5  # 2/s: under the quiet tenant's own 2.5/s, burst 2
 QUIET_BOUND = 1.0  # seconds from publish to run
 
 
@@ -480,7 +486,7 @@ def test_a_quiet_tenant_is_not_delayed_by_a_flooding_one(on_redis: Stage) -> Non
         flood_runs = [
             r["at"] for r in stage.runs("flood-") if r["tenant"] == flood and r["at"] <= flood_ended
         ]
-        allowed = 1 + FLOOD_RATE * (flood_ended - flood_started) + 1
+        allowed = FLOOD_BURST + FLOOD_RATE * (flood_ended - flood_started) + 1
         assert len(flood_runs) <= allowed, (len(flood_runs), allowed)
         counted = _delta(node.counters(), before)
         assert counted["throttled"] > 0.5 * len(flooded), counted
