@@ -159,7 +159,14 @@ def read(
         else _conf(app, PUBLISH_TIMEOUT, DEFAULT_PUBLISH_TIMEOUT),
         maximum=MAX_PUBLISH_TIMEOUT,
     )
-    port = whole(None, METRICS_PORT, app.conf.get(METRICS_PORT), maximum=MAX_PORT, optional=True)
+    port = app.conf.get(METRICS_PORT)
+    if port is not None:
+        try:
+            whole(None, METRICS_PORT, port, maximum=MAX_PORT)
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                None, METRICS_PORT, port, exc.allowed + " or None (no metrics endpoint)"
+            ) from None
     host = _conf(app, METRICS_HOST, "127.0.0.1")
     if not isinstance(host, str) or not host.strip():
         raise ConfigurationError(None, METRICS_HOST, host, "a host name or IP address")
