@@ -40,30 +40,6 @@ _WORKER_STEP = "celery_bulkhead.worker.step:PoolWorkerStep"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _state_url(app: Celery, conf: settings.Settings, driver: str | None, pools: Any) -> str:
-    """Where tenant state lives: the setting, else the broker's Redis, else in-process."""
-    if conf.state_url is not None:
-        return conf.state_url
-    if driver == "memory":
-        return "memory://"
-    url = app.conf.broker_write_url or app.conf.broker_url or ""
-    if isinstance(url, (list, tuple)):
-        url = url[0] if url else ""
-    url = str(url).split(";", 1)[0]
-    if driver == "redis" and url.lower().startswith(("redis://", "rediss://", "unix://")):
-        return url
-    pool = next(p for p in pools if p.tenant is not None or p.breaker is not None)
-    what = "a tenant limit" if pool.tenant is not None else "a breaker"
-    raise ConfigurationError(
-        pool.name,
-        settings.STATE_URL,
-        None,
-        "the URL of a Redis for shared state (redis://host:port/db)",
-        detail=f"{what} keeps its state in Redis, and this broker is not one: "
-        "set bulkhead_state_url (Django: CELERY_BULKHEAD_STATE_URL)",
-    )
-
-
 def _breaker_store(state_url: str, timeout: float) -> Callable[[], Any]:
     """A factory of the breaker store: one store, shared by every circuit of the app."""
     if state_url.startswith("memory://"):
@@ -151,7 +127,7 @@ class Bulkhead:
         #: One circuit per breaker name (pools may share one downstream's breaker).
         self.circuits: dict[str, Circuit] = {}
         if any(pool.tenant is not None or pool.breaker is not None for pool in parsed):
-            state_url = _state_url(app, self.settings, driver, parsed)
+            state_url = settings.state_url(app, self.settings, driver, parsed)
             if any(pool.tenant is not None for pool in parsed):
                 self.limiter = Limiter(state_url, self.publish_timeout)
             self.circuits = circuits(
@@ -242,7 +218,17 @@ class Bulkhead:
             # The name Celery will give the task (Celery._task_from_fun).
             name = options.get("name") or app.gen_task_name(fun.__name__, fun.__module__)
             # An unknown pool fails here, at decoration, naming the task and its module.
-            assignment.assign(name, options[TASK_ATTRIBUTE], module=fun.__module__)
+            pool = assignment.assign(name, options[TASK_ATTRIBUTE], module=fun.__module__)
+            if options.get("queue") is not None:
+                # Celery lets a task's own queue= beat every router: the task
+                # would leave its pool's queue, workers, cap and limits.
+                raise ConfigurationError(
+                    pool.name,
+                    "queue",
+                    options["queue"],
+                    "no queue= on a task in a pool (it is routed to the pool's queue)",
+                    detail=f"task {name!r} (module {fun.__module__})",
+                )
 
         def task(*args: Any, **options: Any) -> Any:
             if options.get(TASK_ATTRIBUTE) is None:

@@ -41,6 +41,7 @@ __all__ = [
     "Settings",
     "read",
     "seconds",
+    "state_url",
     "whole",
 ]
 
@@ -187,6 +188,30 @@ def read(
         metrics_port=port,
         metrics_host=host,
         state_url=state,
+    )
+
+
+def state_url(app: Celery, conf: Settings, driver: str | None, pools: Any) -> str:
+    """Where tenant state lives: the setting, else the broker's Redis, else in-process."""
+    if conf.state_url is not None:
+        return conf.state_url
+    if driver == "memory":
+        return "memory://"
+    url = app.conf.broker_write_url or app.conf.broker_url or ""
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else ""
+    url = str(url).split(";", 1)[0]
+    if driver == "redis" and url.lower().startswith(("redis://", "rediss://", "unix://")):
+        return url
+    pool = next(p for p in pools if p.tenant is not None or p.breaker is not None)
+    what = "a tenant limit" if pool.tenant is not None else "a breaker"
+    raise ConfigurationError(
+        pool.name,
+        STATE_URL,
+        None,
+        "the URL of a Redis for shared state (redis://host:port/db)",
+        detail=f"{what} keeps its state in Redis, and this broker is not one: "
+        "set bulkhead_state_url (Django: CELERY_BULKHEAD_STATE_URL)",
     )
 
 

@@ -114,7 +114,7 @@ def test_concurrent_producers_never_push_past_the_cap(connection: Connection, qu
 
 
 def test_a_capped_push_refreshes_the_queues_expiry_like_kombu() -> None:
-    """Redis: kombu's own ``_put`` PEXPIREs a queue declared with x-expires; so does the capped push."""
+    """Redis: kombu's ``_put`` PEXPIREs a queue declared with x-expires; so does the capped push."""
     import redis
 
     caps.install("redis")

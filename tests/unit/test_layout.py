@@ -1,4 +1,4 @@
-"""The house rules that a test can hold: producers never load the worker side, drivers are optional."""
+"""House rules a test can hold: producers never load the worker side, drivers are optional."""
 
 from __future__ import annotations
 
