@@ -281,7 +281,7 @@ class Circuit:
             return  # the hot path: a success while closed
         failed = self.breaker.is_failure(exc)
         if not failed and token is None:
-            return  # the free path: a success while closed
+            return  # control flow or an excluded exception: not the downstream's failure
         try:
             if failed:
                 state, wait, transition = self.store.failure(self, token)

@@ -198,8 +198,13 @@ class WorkerGate:
         )
 
     def _give_back_trial(self, request: Any) -> None:
-        """A trial granted to a task that then did not run: its lease simply expires."""
-        request.bulkhead_trial = None
+        """A trial granted to a task that then did not run: give its slot back now.
+
+        Otherwise no other trial could run until the lease ends (a minute or more).
+        """
+        trial, request.bulkhead_trial = getattr(request, "bulkhead_trial", None), None
+        if trial is not None and self.circuit is not None:
+            self.circuit.release(trial)
 
     def _fail(self, request: Any, retry_after: float) -> None:
         """on_open="fail": the task fails with CircuitOpen, without running."""
@@ -255,10 +260,12 @@ class WorkerGate:
         if self.circuit is not None and was_started:
             exc = request.bulkhead_exc if outcome != "succeeded" else None
             self.circuit.after(request.bulkhead_trial, exc)
+            request.bulkhead_trial = None  # reported: nothing to give back
         self.release(request)
 
     def release(self, request: Any) -> None:
-        """Give the task's in-flight slot back (called when it ends, however it ends)."""
+        """Give the task's in-flight slot and any unused trial back (however it ends)."""
+        self._give_back_trial(request)
         tenant = getattr(request, "bulkhead_tenant", None)
         if tenant is not None and self.limit is not None and self.limiter is not None:
             request.bulkhead_tenant = None

@@ -872,12 +872,6 @@ def test_trial_leases_are_the_time_limit_plus_a_minute_or_the_reset() -> None:
     assert leases == {"limited": 90.0, "slow": 120.0, "plain": 60.0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/gate.py: a trial granted to a task that never starts is not given back "
-    "(WorkerGate.release and _give_back_trial should call Circuit.release); the slot stays "
-    "taken for the whole lease, a minute or more, and no other trial can run",
-)
 def test_a_trial_granted_to_a_task_that_never_started_is_given_back(clock: Clock) -> None:
     t = _gate(clock)
     fail(t.circuit, 2)
