@@ -65,7 +65,9 @@ def test_task_name_generated_by_celery_is_routed() -> None:
     app = new_app()
     Bulkhead(app, pools=[Pool("io")])
 
-    @app.task(bulkhead="io")
+    # shared=False: a shared task would be added to every app made later in this
+    # process, whose Bulkheads have no pool "io".
+    @app.task(bulkhead="io", shared=False)
     def fetch() -> None: ...
 
     assert queue_of(app, fetch.name) == "bulkhead.io"
@@ -104,13 +106,22 @@ def test_unknown_pool_is_an_error_at_decoration_time() -> None:
 
 
 def test_unknown_pool_on_a_shared_task_is_caught_by_validate_tasks() -> None:
-    @shared_task(bulkhead="nowhere", name="tests.shared_unknown_pool")
-    def orphan() -> None: ...
+    from celery import _state
 
-    app = new_app()
-    bulkhead = Bulkhead(app, pools=[Pool("io")])
-    with pytest.raises(ConfigurationError, match="invalid bulkhead='nowhere'"):
-        bulkhead.validate_tasks()
+    before = set(_state._on_app_finalizers)
+    try:
+
+        @shared_task(bulkhead="nowhere", name="tests.shared_unknown_pool")
+        def orphan() -> None: ...
+
+        app = new_app()
+        bulkhead = Bulkhead(app, pools=[Pool("io")])
+        with pytest.raises(ConfigurationError, match="invalid bulkhead='nowhere'"):
+            bulkhead.validate_tasks()
+    finally:
+        # A shared task joins every app made later in the process: take it back,
+        # so later tests' apps (with other pools) do not inherit it.
+        _state._on_app_finalizers.difference_update(set(_state._on_app_finalizers) - before)
 
 
 def test_the_apps_own_routes_keep_working() -> None:
