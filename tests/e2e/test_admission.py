@@ -193,5 +193,5 @@ def test_time_to_wait_for_room_is_not_spent_spinning(capped: Env) -> None:
     with pytest.raises(PoolFull):
         task.delay(3)
     assert time.process_time() - cpu_before < 0.5  # of ~1 s waited
-    assert threading.active_count() == before
+    assert threading.active_count() <= before  # no thread of its own (others may end meanwhile)
     wait_for(lambda: capped.ready_messages(f"{capped.prefix}.blocker") == 2, 5, "2 messages")
