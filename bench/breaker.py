@@ -18,6 +18,9 @@ bootstep (metered Request class, metrics); B adds only the breaker gate
 untimed A and B drain of ``--warmup`` tasks first, then ``--rounds`` (8)
 rounds, the order alternating (A B, B A, ...).  Reported: per-round rates,
 the ratio of the medians and the per-round ratios.  Goal: ``B/A >= 0.95``.
+With ``--rates``, B's breaker also has both rate rules on
+(``failure_rate_threshold=50``, ``slow_call_duration=5``): its main process
+counts every call in memory and reports the counts with its cache refresh.
 
 On a shared 2-core machine single drains swing by tens of percent, so the
 per-round ratios are noisy: the ratio of the medians is the figure to read,
@@ -42,6 +45,7 @@ deferred backlog drained).
 Usage::
 
     python bench/breaker.py [--broker redis|rabbitmq|URL] [--n 3000] [--rounds 8] [--control]
+                            [--rates]
 
 Standalone: it needs the repository's virtualenv, Redis on 127.0.0.1:6379
 (records and breaker state, db 9, keys under a prefix of its own, deleted at
@@ -65,6 +69,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -88,7 +93,13 @@ CALL_TIME = 0.01  # the healthy downstream's answer time
 # -- the app (the workers import this module) ---------------------------------------------
 
 
-def make_app(broker: str, prefix: str, reset: float = 2.0, control: bool = False) -> Celery:
+#: The rate rules of ``--rates`` (B's breaker, closed all along: no call fails or is slow).
+RATES: dict[str, Any] = {"failure_rate_threshold": 50, "slow_call_duration": 5}
+
+
+def make_app(
+    broker: str, prefix: str, reset: float = 2.0, control: bool = False, rates: bool = False
+) -> Celery:
     app = Celery("bench_breaker", broker=broker, set_as_current=False)
     app.conf.update(
         task_ignore_result=True,
@@ -105,7 +116,7 @@ def make_app(broker: str, prefix: str, reset: float = 2.0, control: bool = False
             Pool(
                 "guarded",
                 queue=f"{prefix}.guarded",
-                breaker=None if control else Breaker(name=prefix),
+                breaker=None if control else Breaker(name=prefix, **(RATES if rates else {})),
                 **same,
             ),
             Pool(
@@ -142,6 +153,7 @@ app = make_app(
     os.environ.get("BENCH_BREAKER_PREFIX", "bench-breaker"),
     float(os.environ.get("BENCH_BREAKER_RESET", "2")),
     os.environ.get("BENCH_BREAKER_CONTROL") == "1",
+    os.environ.get("BENCH_BREAKER_RATES") == "1",
 )
 
 
@@ -226,7 +238,7 @@ class Depth:
 
 def drain(args: Any, broker: str, prefix: str, pool: str, n: int) -> float:
     """Tasks per second while one fresh node drains ``n`` queued no-ops of ``pool``."""
-    producer_app = make_app(broker, prefix, control=args.control)
+    producer_app = make_app(broker, prefix, control=args.control, rates=args.rates)
     records = redis.Redis.from_url(STATE_URL)
     key = f"{prefix}:mark:{uuid.uuid4().hex[:6]}"
     noop, mark = producer_app.tasks[f"bench.{pool}.noop"], producer_app.tasks[f"bench.{pool}.mark"]
@@ -241,6 +253,7 @@ def drain(args: Any, broker: str, prefix: str, pool: str, n: int) -> float:
         "BENCH_BREAKER_BROKER": broker,
         "BENCH_BREAKER_PREFIX": prefix,
         "BENCH_BREAKER_CONTROL": "1" if args.control else "0",
+        "BENCH_BREAKER_RATES": "1" if args.rates else "0",
     }
     worker = Worker(args, prefix, pool, env)
     try:
@@ -271,7 +284,7 @@ class _Request:
         self.request_dict = {"id": "cost", "task": "bench.guarded.noop"}
 
 
-def closed_path_cost(calls: int = 100_000) -> tuple[float, float]:
+def closed_path_cost(calls: int = 100_000, rates: bool = False) -> tuple[float, float]:
     """Seconds per task on a closed breaker: ``Circuit`` alone, and the whole gate.
 
     In process, on the in-memory store: the circuit's ``before()`` +
@@ -283,16 +296,17 @@ def closed_path_cost(calls: int = 100_000) -> tuple[float, float]:
     from celery_bulkhead.breaker.memory import MemoryBreakerStore
     from celery_bulkhead.worker.gate import WorkerGate
 
-    circuit = Circuit("cost", Breaker(), MemoryBreakerStore(), lease=60.0)
+    breaker = Breaker(**(RATES if rates else {}))
+    circuit = Circuit("cost", breaker, MemoryBreakerStore(), lease=60.0)
     before, after = circuit.before, circuit.after
     started = time.perf_counter()
     for _ in range(calls):
         verdict = before()
-        after(verdict.token, None)
+        after(verdict.token, None, 0.001)
     alone = (time.perf_counter() - started) / calls
 
     cost_app = make_app("memory://", "cost")
-    pool = Pool("guarded", queue="cost.guarded", breaker=Breaker(name="cost"))
+    pool = Pool("guarded", queue="cost.guarded", breaker=replace(breaker, name="cost"))
     gate = WorkerGate(cost_app, pool, None, None, circuit)
     admit, finished = gate.admit, gate.finished
     started = time.perf_counter()
@@ -476,6 +490,11 @@ def main() -> None:
         action="store_true",
         help="A/A: no breaker on B either, to see the noise floor of the ratio",
     )
+    parser.add_argument(
+        "--rates",
+        action="store_true",
+        help="B's breaker with the rate rules on (failure_rate_threshold, slow_call_duration)",
+    )
     parser.add_argument("--skip-drain", action="store_true")
     parser.add_argument("--skip-recovery", action="store_true")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -491,6 +510,8 @@ def main() -> None:
     try:
         if not args.skip_drain:
             b_is = "the same (control: no breaker)" if args.control else "closed Breaker()"
+            if args.rates and not args.control:
+                b_is = f"closed Breaker({', '.join(f'{k}={v}' for k, v in RATES.items())})"
             print(f"drain of no-op tasks, A = pool without a breaker, B = {b_is}:")
             rates = run_drains(args, broker, prefix)
             a, b = statistics.median(rates["plain"]), statistics.median(rates["guarded"])
@@ -502,7 +523,7 @@ def main() -> None:
                 f"{statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}]",
                 flush=True,
             )
-            alone, cost = closed_path_cost()
+            alone, cost = closed_path_cost(rates=args.rates)
             print(
                 f"  closed path in process: Circuit.before() + after() {alone * 1e6:.2f} us, "
                 f"the whole gate (admit() + finished()) {cost * 1e6:.2f} us per task: "

@@ -21,19 +21,24 @@ It opens when ``fail_max`` failures fall within ``failure_window`` seconds
 (fleet-wide); a success does not reset the count, which is what keeps
 successes free.  ``reset_timeout`` seconds after opening, trials may run; a
 trial that succeeds closes it, one that fails opens it again.
+
+Opt-in, Resilience4j's rate rules: with ``failure_rate_threshold`` or
+``slow_call_duration`` set, it also opens when, over a sliding window of
+``failure_window`` seconds (10 time buckets), failures / calls or slow calls
+/ calls reach their threshold with at least ``minimum_calls`` calls.  Each
+process counts its calls in memory and reports them with its cache refresh
+(at most one store call per ``cache_seconds``) or with its next failure, so
+successes stay free.
+
+Here: the settings (:class:`Breaker`).  The transitions are pure functions in
+:mod:`.machine`, run by a store (:mod:`.memory`, :mod:`.redis` with
+``lua/breaker.lua``); a process's runtime is :class:`.circuit.Circuit`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import re
-import threading
-import time
-import uuid
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import pybreaker
@@ -43,10 +48,19 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from ..errors import ConfigurationError
 from ..settings import seconds, whole
 from . import machine
+from .circuit import Circuit, Verdict, circuits
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "STATE_VALUES", "Breaker", "Circuit"]
-
-logger = logging.getLogger("celery_bulkhead.breaker")
+__all__ = [
+    "CLOSED",
+    "HALF_OPEN",
+    "OPEN",
+    "STATE_VALUES",
+    "Breaker",
+    "Circuit",
+    "Verdict",
+    "circuits",
+    "machine",
+]
 
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
 #: ``celery_bulkhead_breaker_state`` values.
@@ -56,6 +70,9 @@ ON_STATE_ERROR = ("closed", "open")
 #: Celery's control flow: not a downstream failure unless listed in ``include``.
 CONTROL_FLOW: tuple[type[BaseException], ...] = (Retry, Ignore, Reject, SoftTimeLimitExceeded)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: Bounds of the rate window's settings.
+MAX_MINIMUM_CALLS = 1_000_000
+MAX_SLOW_CALL_DURATION = 86_400.0
 
 
 def _exceptions(setting: str, value: Any) -> tuple[type[BaseException], ...]:
@@ -66,6 +83,21 @@ def _exceptions(setting: str, value: Any) -> tuple[type[BaseException], ...]:
                 None, f"breaker.{setting}", value, "a tuple of exception classes"
             )
     return items
+
+
+def _percent(setting: str, value: Any, *, optional: bool = True) -> float:
+    allowed = "a percentage > 0 and <= 100" + (
+        ", or None (no failure-rate rule)" if optional else ""
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(None, f"breaker.{setting}", value, allowed)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        raise ConfigurationError(None, f"breaker.{setting}", value, allowed) from None
+    if not 0 < number <= 100:  # NaN fails this too
+        raise ConfigurationError(None, f"breaker.{setting}", value, allowed)
+    return number
 
 
 @dataclass(frozen=True, init=False)
@@ -93,6 +125,17 @@ class Breaker:
             price of a free closed breaker).
         listeners: pybreaker ``CircuitBreakerListener`` objects told of every
             transition this process makes (``state_change``).
+        failure_rate_threshold: open when failures are at least this percentage
+            of the calls in the sliding ``failure_window`` (with at least
+            ``minimum_calls`` calls); ``None``: no failure-rate rule.
+        minimum_calls: calls the sliding window must hold, fleet-wide, before a
+            rate (of failures or of slow calls) can open the breaker.
+        slow_call_duration: seconds after which a call counts as slow (from
+            when the worker let it through to when it ended); ``None``: no
+            slow-call rule.
+        slow_call_rate_threshold: open when slow calls are at least this
+            percentage of the calls in the sliding window (with at least
+            ``minimum_calls`` calls), once ``slow_call_duration`` is set.
     """
 
     fail_max: int = 5
@@ -107,6 +150,10 @@ class Breaker:
     failure_window: float = 60.0
     cache_seconds: float = 1.0
     listeners: tuple[Any, ...] = ()
+    failure_rate_threshold: float | None = None
+    minimum_calls: int = 10
+    slow_call_duration: float | None = None
+    slow_call_rate_threshold: float = 100.0
 
     def __init__(self, **settings: Any) -> None:
         allowed = [f.name for f in fields(Breaker)]
@@ -169,6 +216,51 @@ class Breaker:
             if not callable(getattr(listener, "state_change", None)):
                 raise ConfigurationError(None, "breaker.listeners", listener, allowed)
         object.__setattr__(self, "listeners", listeners)
+        rate = self.failure_rate_threshold
+        if rate is not None:
+            object.__setattr__(
+                self, "failure_rate_threshold", _percent("failure_rate_threshold", rate)
+            )
+        whole(None, "breaker.minimum_calls", self.minimum_calls, maximum=MAX_MINIMUM_CALLS)
+        if self.slow_call_duration is not None:
+            try:
+                slow = seconds(
+                    None,
+                    "breaker.slow_call_duration",
+                    self.slow_call_duration,
+                    maximum=MAX_SLOW_CALL_DURATION,
+                )
+            except ConfigurationError as error:
+                raise ConfigurationError(
+                    None,
+                    "breaker.slow_call_duration",
+                    self.slow_call_duration,
+                    f"{error.allowed}, or None (no slow-call rule)",
+                ) from None
+            object.__setattr__(self, "slow_call_duration", slow)
+        object.__setattr__(
+            self,
+            "slow_call_rate_threshold",
+            _percent("slow_call_rate_threshold", self.slow_call_rate_threshold, optional=False),
+        )
+        rates = None
+        if self.failure_rate_threshold is not None or self.slow_call_duration is not None:
+            rates = machine.Rates(
+                # Whole milliseconds: the same buckets in Lua (server time in ms) and in memory.
+                bucket=max(1, round(self.failure_window * 1000 / machine.BUCKETS)),
+                minimum_calls=self.minimum_calls,
+                failure_rate=self.failure_rate_threshold,
+                slow_rate=None
+                if self.slow_call_duration is None
+                else self.slow_call_rate_threshold,
+            )
+        object.__setattr__(self, "_rates", rates)
+
+    @property
+    def rates(self) -> machine.Rates | None:
+        """The rate window's settings for the machine, or None when no rate rule is on."""
+        rates: machine.Rates | None = self.__dict__["_rates"]
+        return rates
 
     @classmethod
     def from_mapping(cls, value: Any) -> Breaker:
@@ -184,193 +276,3 @@ class Breaker:
         if exc is None or isinstance(exc, self.exclude):
             return False
         return not isinstance(exc, CONTROL_FLOW) or isinstance(exc, self.include)
-
-
-@dataclass(frozen=True)
-class _State:
-    """A pybreaker-style state object for ``CircuitBreakerListener.state_change``."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What :meth:`Circuit.before` says: run (maybe as a trial) or not, for how long."""
-
-    run: bool
-    token: str | None = None
-    retry_after: float = 0.0
-
-
-_RUN = Verdict(True)
-
-
-class Circuit:
-    """One breaker's runtime in this process: the cached state, the store, the listeners."""
-
-    def __init__(self, name: str, breaker: Breaker, store: Any, lease: float) -> None:
-        self.name = name
-        self.breaker = breaker
-        self.store = store
-        self.lease = lease
-        self.transitions: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._state = CLOSED
-        self._until = 0.0  # monotonic: the cached state is good until then
-        self._retry_at = 0.0  # monotonic: when the next trial may start
-        self._errors = 0
-        self._last_log = -math.inf
-
-    # -- the cached view -----------------------------------------------------------
-
-    def _remember(self, state: str, wait_ms: float) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._state = state
-            self._retry_at = now + max(0.0, wait_ms) / 1000
-            self._until = now + (
-                self.breaker.cache_seconds
-                if state == CLOSED
-                else min(self.breaker.cache_seconds, max(0.0, wait_ms) / 1000)
-            )
-
-    def state(self) -> tuple[str, float]:
-        """``(state, seconds until the next trial)``, at most ``cache_seconds`` stale."""
-        now = time.monotonic()
-        if now >= self._until:
-            try:
-                state, wait = self.store.peek(self)
-            except Exception as exc:
-                return self._state_error("peek", exc)
-            self._remember(state, wait)
-            now = time.monotonic()
-        return self._state, max(0.0, self._retry_at - now)
-
-    # -- around a guarded call (the worker's main process) ---------------------------
-
-    def before(self) -> Verdict:
-        """May a task start now?  Free while the cached state is a fresh "closed"."""
-        if self._state == CLOSED and time.monotonic() < self._until:
-            return _RUN  # the hot path: no store call, no allocation
-        state, retry_after = self.state()
-        if state == CLOSED:
-            return _RUN
-        if retry_after > 0:  # open, or half-open with every trial taken
-            return Verdict(False, retry_after=retry_after)
-        token = uuid.uuid4().hex
-        try:
-            answer, wait, transition = self.store.acquire(self, token)
-        except Exception as exc:
-            state, retry_after = self._state_error("acquire", exc)
-            return Verdict(state == CLOSED, retry_after=retry_after)
-        if transition:
-            self._changed(OPEN, transition)
-        if answer == "trial":
-            self._remember(HALF_OPEN, 0.0)
-            return Verdict(True, token=token)
-        if answer == CLOSED:
-            self._remember(CLOSED, 0.0)
-            return _RUN
-        # "open" (another process opened it again) or "half-open" (every trial is taken).
-        self._remember(HALF_OPEN if answer == HALF_OPEN else OPEN, wait)
-        return Verdict(False, retry_after=max(wait / 1000, 0.05))
-
-    def after(self, token: str | None, exc: BaseException | None) -> None:
-        """Report how a guarded task ended (only failures and trials reach the store)."""
-        if token is None and exc is None:
-            return  # the hot path: a success while closed
-        failed = self.breaker.is_failure(exc)
-        if not failed and token is None:
-            return  # control flow or an excluded exception: not the downstream's failure
-        try:
-            if failed:
-                state, wait, transition = self.store.failure(self, token)
-            else:
-                state, wait, transition = self.store.success(self, token)
-        except Exception as exc2:
-            self._state_error("failure" if failed else "success", exc2)
-            return
-        if transition:
-            self._changed(HALF_OPEN if token else CLOSED, transition)
-        self._remember(state, wait)
-
-    def release(self, token: str | None) -> None:
-        """Give back a trial granted to a task that then did not run (deferred, revoked).
-
-        Its slot is free at once instead of when its lease ends (a minute or
-        more, during which no other trial could run).  Best effort: if the
-        store cannot be reached, the lease still ends on its own.
-        """
-        if token is None:
-            return
-        try:
-            state, wait, _ = self.store.release(self, token)
-        except Exception as exc:
-            logger.debug("celery-bulkhead: breaker %r: release failed: %r", self.name, exc)
-            return
-        self._remember(state, wait)
-
-    # -- bookkeeping ------------------------------------------------------------------
-
-    def _changed(self, old: str, new: str) -> None:
-        with self._lock:
-            self.transitions[new] += 1
-        for listener in self.breaker.listeners:
-            try:
-                # pybreaker passes its breaker; this circuit has the same ``.name``.
-                listener.state_change(self, _State(old), _State(new))
-            except Exception:
-                logger.exception("celery-bulkhead: breaker %r: a listener failed", self.name)
-
-    def _state_error(self, operation: str, exc: BaseException) -> tuple[str, float]:
-        """The configured fallback when the store cannot answer; logged every 10 s at most."""
-        now = time.monotonic()
-        with self._lock:
-            self._errors += 1
-            log = now - self._last_log >= 10.0
-            if log:
-                self._last_log, count, self._errors = now, self._errors, 0
-        if log:
-            logger.warning(
-                "celery-bulkhead: breaker %r: state unavailable (%s: %s), %d time(s) since the "
-                "last report; acting as %s",
-                self.name,
-                operation,
-                type(exc).__name__,
-                count,
-                self.breaker.on_state_error,
-            )
-        fallback = CLOSED if self.breaker.on_state_error == "closed" else OPEN
-        retry = 0.0 if fallback == CLOSED else self.breaker.cache_seconds
-        self._remember(fallback, retry * 1000)
-        return fallback, retry
-
-
-def _named(breaker: Breaker, name: str) -> Breaker:
-    return breaker if breaker.name == name else replace(breaker, name=name)
-
-
-def circuits(pools: Iterable[Any], make_store: Any, lease_of: Any) -> dict[str, Circuit]:
-    """One :class:`Circuit` per breaker name; pools sharing a name must agree on its settings."""
-    found: dict[str, Circuit] = {}
-    for pool in pools:
-        breaker = pool.breaker
-        if breaker is None:
-            continue
-        name = breaker.name or pool.name
-        if name in found:
-            # Compared with the name resolved: Breaker() on pool "a" is Breaker(name="a").
-            if _named(found[name].breaker, name) != _named(breaker, name):
-                raise ConfigurationError(
-                    pool.name,
-                    "breaker",
-                    name,
-                    "the same settings in every pool that shares a breaker",
-                    detail=f"breaker {name!r} is declared differently by another pool",
-                )
-            continue
-        found[name] = Circuit(name, breaker, make_store(), lease_of(pool))
-    return found
-
-
-__all__ += ["Verdict", "circuits", "machine"]

@@ -44,14 +44,32 @@ class MemoryBreakerStore:
                 token,
             )
 
-    def failure(self, circuit: Any, token: str | None) -> tuple[str, float, str | None]:
+    def failure(
+        self, circuit: Any, token: str | None, counted: machine.Calls | None = None
+    ) -> tuple[str, float, str | None]:
         breaker = circuit.breaker
         with self._lock:
             record = self._record(circuit.name)
             now = self._now()
             transition = machine.failure(
-                record, now, breaker.fail_max, breaker.failure_window * 1000, token
+                record,
+                now,
+                breaker.fail_max,
+                breaker.failure_window * 1000,
+                token,
+                counted,
+                breaker.rates,
             )
+            state, wait = machine.peek(record, now, breaker.reset_timeout * 1000)
+        return state, wait, transition
+
+    def count(self, circuit: Any, counted: machine.Calls) -> tuple[str, float, str | None]:
+        breaker = circuit.breaker
+        with self._lock:
+            record = self._record(circuit.name)
+            now = self._now()
+            rates = breaker.rates
+            transition = None if rates is None else machine.count(record, now, counted, rates)
             state, wait = machine.peek(record, now, breaker.reset_timeout * 1000)
         return state, wait, transition
 

@@ -4,9 +4,10 @@
 -- half-open trials are leases (SET NX PX), so at most ARGV[4] trial calls run
 -- at once, however many processes reach the reset time together.
 --
--- KEYS[1]  the breaker's record (a hash: state, failures, window_start, opened_at)
+-- KEYS[1]  the breaker's record (a hash: state, failures, window_start, opened_at, and
+--          the rate window's counts: "<bucket>:c" calls, "<bucket>:f" failures, "<bucket>:s" slow)
 -- KEYS[2..] its trial leases, one key per slot (half_open_max_calls of them); same {hash tag}
--- ARGV[1]  the operation: "peek" | "acquire" | "failure" | "success" | "release"
+-- ARGV[1]  the operation: "peek" | "acquire" | "failure" | "success" | "release" | "count"
 -- ARGV[2]  reset_timeout in ms (open -> half-open)
 -- ARGV[3]  fail_max (failures within the window that open the breaker)
 -- ARGV[4]  half_open_max_calls (trial leases: #KEYS - 1)
@@ -14,6 +15,18 @@
 -- ARGV[6]  the caller's token ("" when it holds no trial)
 -- ARGV[7]  the failure window in ms
 -- ARGV[8]  TTL of the record in ms (refreshed on every write; a trial's lease when longer)
+-- ARGV[9]  the rate window's bucket width in ms ("": no rate window)
+-- ARGV[10] buckets per window (the window slides by one bucket)
+-- ARGV[11] minimum_calls (calls in the window before a rate can open it)
+-- ARGV[12] failure rate threshold in percent ("": no failure-rate rule)
+-- ARGV[13] slow-call rate threshold in percent ("": no slow-call rule)
+-- ARGV[14..16] the caller's calls, failures and slow calls not reported yet ("count", and
+--          "failure" with a rate window: this failure among them)
+--
+-- With a rate window, "count" and "failure" add the caller's counts to the current
+-- bucket of a closed breaker and open it when failures / calls >= ARGV[12] % or
+-- slow / calls >= ARGV[13] % over the buckets in the window, with >= ARGV[11] calls.
+-- Every transition starts with an empty window.
 --
 -- Returns {state or answer, wait ms, transition ("" when none)}.  acquire answers
 -- "closed" or "trial" (run), "open" (not before wait ms) or "half-open" (every
@@ -34,6 +47,57 @@ local function save()
   redis.call('HSET', KEYS[1], 'state', state, 'failures', failures,
              'window_start', window_start, 'opened_at', opened_at)
   redis.call('PEXPIRE', KEYS[1], ttl)
+end
+
+-- A transition: the record alone, without the counts of the window before it.
+local function save_anew()
+  redis.call('DEL', KEYS[1])
+  save()
+end
+
+-- The rate window: add the caller's counts to the current bucket (dropping the
+-- buckets that slid out) and say whether a rate crossed its threshold.
+local function count_crossed()
+  local width = tonumber(ARGV[9])
+  if not width then
+    return false
+  end
+  local current = math.floor(now / width)
+  local oldest = current - tonumber(ARGV[10]) + 1
+  local total = {c = 0, f = 0, s = 0}
+  local stale = {}
+  local flat = redis.call('HGETALL', KEYS[1])
+  for i = 1, #flat, 2 do
+    local bucket, kind = string.match(flat[i], '^(%d+):(%a)$')
+    if bucket then
+      if tonumber(bucket) < oldest then
+        stale[#stale + 1] = flat[i]
+      else
+        total[kind] = total[kind] + tonumber(flat[i + 1])
+      end
+    end
+  end
+  if #stale > 0 then
+    redis.call('HDEL', KEYS[1], unpack(stale))
+  end
+  local mine = {c = tonumber(ARGV[14]), f = tonumber(ARGV[15]), s = tonumber(ARGV[16])}
+  if mine.c > 0 then
+    for kind, n in pairs(mine) do
+      if n > 0 then
+        redis.call('HINCRBY', KEYS[1], string.format('%d:%s', current, kind), n)
+        total[kind] = total[kind] + n
+      end
+    end
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
+  if total.c < tonumber(ARGV[11]) then
+    return false
+  end
+  local failure_rate, slow_rate = tonumber(ARGV[12]), tonumber(ARGV[13])
+  if failure_rate and total.f * 100 >= failure_rate * total.c then
+    return true
+  end
+  return slow_rate ~= nil and total.s * 100 >= slow_rate * total.c
 end
 
 local function drop_trials()
@@ -118,10 +182,17 @@ if op == 'failure' then
       state = 'open'
       opened_at = now
       failures = 0
-      save()
+      save_anew()
       return {state, reset, 'open'}
     end
     save()
+    if tonumber(ARGV[14]) > 0 and count_crossed() then
+      state = 'open'
+      opened_at = now
+      failures = 0
+      save_anew()
+      return {state, reset, 'open'}
+    end
     return {state, 0, ''}
   end
   if state == 'half-open' and holds() then
@@ -129,7 +200,20 @@ if op == 'failure' then
     opened_at = now
     failures = 0
     drop_trials()
-    save()
+    save_anew()
+    return {state, reset, 'open'}
+  end
+  return seen()
+end
+
+if op == 'count' then
+  -- Only a closed breaker counts calls: those that ran on a stale view of an
+  -- open one say nothing new.
+  if state == 'closed' and count_crossed() then
+    state = 'open'
+    opened_at = now
+    failures = 0
+    save_anew()
     return {state, reset, 'open'}
   end
   return seen()
@@ -141,7 +225,7 @@ if op == 'success' then
     failures = 0
     window_start = now
     drop_trials()
-    save()
+    save_anew()
     return {state, 0, 'closed'}
   end
   return seen()

@@ -8,7 +8,9 @@ never lost, not a retry, not a failure); ``"fail"`` fails it with
 ``CircuitOpen``; ``"pause"`` stops consuming the pool's queue until the next
 trial time (tasks wait in the broker) and defers the task in hand.  A
 half-open trial runs as usual; how it ends (and every failure) is reported
-to the circuit when the task ends.
+to the circuit when the task ends, with its duration (this process's
+monotonic clock, from when the gate let it through to when it ended: what
+``slow_call_duration`` is compared with).
 
 **Tenant limits.**
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import TYPE_CHECKING, Any
 
 from celery.worker.state import task_ready
@@ -183,6 +186,7 @@ class WorkerGate:
         verdict = circuit.before()
         if verdict.run:
             request.bulkhead_trial = verdict.token
+            request.bulkhead_let_through = time.monotonic()  # for the call's duration
             self._resume()
             return True
         action = circuit.breaker.on_open
@@ -259,7 +263,9 @@ class WorkerGate:
     ) -> None:
         if self.circuit is not None and was_started:
             exc = request.bulkhead_exc if outcome != "succeeded" else None
-            self.circuit.after(request.bulkhead_trial, exc)
+            let_through = getattr(request, "bulkhead_let_through", None)
+            duration = runtime if let_through is None else time.monotonic() - let_through
+            self.circuit.after(request.bulkhead_trial, exc, duration)
             request.bulkhead_trial = None  # reported: nothing to give back
         self.release(request)
 

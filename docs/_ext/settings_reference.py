@@ -157,6 +157,19 @@ NOTES: dict[str, dict[str, Note]] = {
         "failure_window": Note(),
         "cache_seconds": Note(probe=0.01),  # below its minimum, which a type probe misses
         "listeners": Note(),
+        "failure_rate_threshold": Note(
+            extra="Either rule opens the breaker: ``fail_max`` failures within "
+            "``failure_window``, or the rate. See :ref:`breaker-rates`.",
+        ),
+        "minimum_calls": Note(extra="Counted fleet-wide, over the sliding ``failure_window``."),
+        "slow_call_duration": Note(
+            extra="Measured in the worker's main process, from when it lets the task through "
+            "to when the task ends: not its wait in the queue. See :ref:`breaker-rates`.",
+        ),
+        "slow_call_rate_threshold": Note(
+            extra="Used only when ``slow_call_duration`` is set; a slow call that failed "
+            "counts as a failure too.",
+        ),
     },
 }
 
@@ -267,6 +280,10 @@ MODELS: dict[str, Model] = {
         _probe_breaker,
         setting=lambda name: f"breaker.{name}",
         choices={"on_open": breaker.ON_OPEN, "on_state_error": breaker.ON_STATE_ERROR},
+        bounds={
+            "minimum_calls": breaker.MAX_MINIMUM_CALLS,
+            "slow_call_duration": breaker.MAX_SLOW_CALL_DURATION,
+        },
     ),
 }
 

@@ -6,7 +6,11 @@ its ``fail_max``-th failure within the window and not before, stays open
 for ``reset_timeout``, then lets at most ``half_open_max_calls`` trials run
 at once however many callers race for them; a trial's success closes it, its
 failure opens it again, a trial given back frees its slot, and nobody
-else's report changes anything.  On
+else's report changes anything.  With a rate window, both count the calls
+a caller reports (``count``, or with a ``failure``) over the same sliding
+buckets: a rate opens it exactly at its threshold and never below
+``minimum_calls``, buckets slide out, and every transition starts the
+window empty.  On
 Redis every key carries the breaker's ``{hash tag}`` and a TTL that covers
 the state it holds, and clocks of the callers do not matter.
 """
@@ -26,6 +30,7 @@ import pytest
 import redis
 
 from celery_bulkhead.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from celery_bulkhead.breaker.machine import Calls
 from celery_bulkhead.breaker.memory import MemoryBreakerStore
 from celery_bulkhead.breaker.redis import RedisBreakerStore
 from tests.support import wait_for
@@ -253,6 +258,93 @@ def test_concurrent_acquires_get_exactly_max_trials(subject: Subject, max_trials
     assert sum(a[2] == HALF_OPEN for a in answers) == 1  # one caller made the transition
 
 
+# -- the rate window ---------------------------------------------------------------------
+
+#: Rates alone (fail_max out of the way), 50 % of at least 10 calls.
+RATE = {"fail_max": 100_000, "failure_rate_threshold": 50, "minimum_calls": 10}
+
+
+def test_a_failure_rate_opens_it_exactly_at_the_threshold(subject: Subject) -> None:
+    c = subject.circuit(**RATE)
+    assert subject.store.count(c, Calls(6, 2)) == (CLOSED, 0, None)
+    assert subject.store.count(c, Calls(3, 2)) == (CLOSED, 0, None)  # 4 of 9: under minimum
+    state, wait, transition = subject.store.count(c, Calls(1, 1))  # 5 of 10
+    assert (state, transition) == (OPEN, OPEN) and wait == pytest.approx(RESET * 1000, abs=1)
+    assert subject.store.peek(c)[0] == OPEN
+
+
+def test_a_rate_under_its_threshold_or_under_minimum_calls_never_opens_it(
+    subject: Subject,
+) -> None:
+    c = subject.circuit(**RATE)
+    assert subject.store.count(c, Calls(9, 9, 9)) == (CLOSED, 0, None)  # 100 % of 9
+    assert subject.store.count(c, Calls(12, 1)) == (CLOSED, 0, None)  # 10 of 21: 47.6 %
+    assert subject.store.count(c, Calls(0)) == (CLOSED, 0, None)  # a look: still 47.6 %
+    assert subject.store.count(c, Calls(1, 1))[2] == OPEN  # 11 of 22
+
+
+def test_failures_carry_the_callers_counts_and_either_rule_opens_it(subject: Subject) -> None:
+    c = subject.circuit(**RATE)
+    assert subject.store.failure(c, None, Calls(9, 4)) == (CLOSED, 0, None)
+    state, _, transition = subject.store.failure(c, None, Calls(1, 1))
+    assert (state, transition) == (OPEN, OPEN)
+    # fail_max still counts: 3 failures among 30 calls (10 %) open it.
+    c = subject.circuit(fail_max=3, failure_rate_threshold=50)
+    assert subject.store.failure(c, None, Calls(10, 1))[2] is None
+    assert subject.store.failure(c, None, Calls(10, 1))[2] is None
+    assert subject.store.failure(c, None, Calls(10, 1))[2] == OPEN
+
+
+def test_slow_calls_open_it_by_their_rate_and_a_slow_failure_counts_in_both(
+    subject: Subject,
+) -> None:
+    c = subject.circuit(
+        fail_max=100_000, minimum_calls=4, slow_call_duration=1, slow_call_rate_threshold=75
+    )
+    assert subject.store.count(c, Calls(4, 4, 2)) == (CLOSED, 0, None)  # no failure-rate rule
+    assert subject.store.failure(c, None, Calls(4, 1, 3)) == (CLOSED, 0, None)  # 5 of 8
+    assert subject.store.count(c, Calls(4, 0, 4))[2] == OPEN  # 9 of 12 = 75 %
+    both = subject.circuit(
+        fail_max=100_000,
+        minimum_calls=2,
+        failure_rate_threshold=60,
+        slow_call_duration=1,
+        slow_call_rate_threshold=60,
+    )
+    assert subject.store.count(both, Calls(2, 1, 1))[2] is None  # 50 % of each
+    assert subject.store.failure(both, None, Calls(1, 1, 1))[2] == OPEN  # 66 % of each
+
+
+def test_buckets_slide_out_of_the_window(subject: Subject) -> None:
+    settings = {**RATE, "failure_window": 0.5}  # buckets of 50 ms
+    c = subject.circuit(**settings)
+    assert subject.store.count(c, Calls(5, 5))[2] is None
+    time.sleep(0.55)  # more than the window: that bucket has slid out
+    assert subject.store.count(c, Calls(5, 0))[2] is None  # 0 of 5 now, not 5 of 10
+    assert subject.store.count(c, Calls(5, 0))[2] is None  # 0 of 10
+    within = subject.circuit(**settings)
+    assert subject.store.count(within, Calls(5, 5))[2] is None
+    assert subject.store.count(within, Calls(5, 0))[2] == OPEN  # 5 of 10, in the window
+
+
+def test_counts_while_not_closed_change_nothing_and_a_closing_empties_the_window(
+    subject: Subject,
+) -> None:
+    c = subject.circuit(**RATE)
+    assert subject.store.count(c, Calls(8, 3)) == (CLOSED, 0, None)
+    assert subject.store.count(c, Calls(2, 2))[2] == OPEN
+    state, wait, transition = subject.store.count(c, Calls(100, 100, 100))
+    assert (state, transition) == (OPEN, None) and 0 < wait <= RESET * 1000
+    wait_for(lambda: subject.store.peek(c)[0] == HALF_OPEN, RESET + 2, "half-open", 0.01)
+    assert subject.store.count(c, Calls(100, 100)) == (HALF_OPEN, 0, None)
+    assert subject.store.acquire(c, "a")[0] == "trial"
+    assert subject.store.count(c, Calls(100, 100)) == (HALF_OPEN, 0, None)
+    assert subject.store.success(c, "a") == (CLOSED, 0, CLOSED)
+    # Nothing from before: 9 failures of 9 calls are under minimum_calls.
+    assert subject.store.count(c, Calls(9, 9)) == (CLOSED, 0, None)
+    assert subject.store.count(c, Calls(11, 0)) == (CLOSED, 0, None)  # 9 of 20: 45 %
+
+
 # -- Redis only -----------------------------------------------------------------------
 
 
@@ -277,6 +369,36 @@ def test_every_key_has_the_hash_tag_and_a_ttl_covering_its_state(on_redis: Subje
     on_redis.store.success(c, "a")
     assert on_redis.keys(c) == [state_key]  # the leases went with the trial
     assert on_redis.client.pttl(state_key) > 0
+
+
+def test_the_rate_window_lives_in_the_record_under_its_ttl(on_redis: Subject) -> None:
+    """No key of its own: deleting the record (``reset_breaker``) forgets the counts too."""
+    assert on_redis.client is not None
+    c = on_redis.circuit(**RATE)
+    on_redis.store.count(c, Calls(3, 1, 0))
+    on_redis.store.count(c, Calls(2, 0, 0))
+    (state_key,) = on_redis.keys(c)
+    assert state_key == f"bulkhead:{{breaker:{c.name}}}:state".encode()
+    record = {k.decode(): int(v) for k, v in on_redis.client.hgetall(state_key).items()}
+    buckets = {k for k in record if ":" in k}
+    assert {k.split(":")[1] for k in buckets} == {"c", "f"}  # no slow call: no field
+    assert sum(v for k, v in record.items() if k.endswith(":c")) == 5
+    assert 59_000 < on_redis.client.pttl(state_key) <= 60_000
+    on_redis.store.count(c, Calls(5, 5))  # opens: the counts go, the record stays
+    fields = {k.decode() for k in on_redis.client.hkeys(state_key)}
+    assert fields == {"state", "failures", "window_start", "opened_at"}
+
+
+def test_buckets_that_slid_out_are_deleted(on_redis: Subject) -> None:
+    assert on_redis.client is not None
+    c = on_redis.circuit(**{**RATE, "failure_window": 0.5})
+    on_redis.store.count(c, Calls(1))
+    (state_key,) = on_redis.keys(c)
+    first = {k for k in on_redis.client.hkeys(state_key)}
+    time.sleep(0.55)
+    on_redis.store.count(c, Calls(1))
+    assert first.isdisjoint(on_redis.client.hkeys(state_key))
+    assert len(on_redis.client.hkeys(state_key)) == 1
 
 
 def test_a_closed_breaker_without_failures_writes_nothing(on_redis: Subject) -> None:

@@ -7,9 +7,11 @@ server that fails and then recovers: the breaker opens once for the whole
 fleet, the dead downstream sees only the calls the documentation allows,
 and every task that was deferred runs exactly once after recovery.  Single
 nodes then check what each ``on_open`` does, that a threads pool runs its
-guarded calls concurrently, and what a node does when the state store is
-down.  Call times come from the downstream's own log, on this machine's
-monotonic clock.
+guarded calls concurrently, what a node does when the state store is down,
+and the rate rules: a downstream failing half its calls, or answering
+slowly, opens a breaker whose ``fail_max`` is far away, while successes
+through a rate window still cost no Redis call per task.  Call times come
+from the downstream's own log, on this machine's monotonic clock.
 """
 
 from __future__ import annotations
@@ -90,17 +92,22 @@ class Downstream:
 
     def __init__(self) -> None:
         self.failing = False
+        self.fail_every = 0  # > 0: every fail_every-th call fails (2: half of them)
         self.delay = 0.0  # for 200s
         self.hang = 0.0  # before any answer: a downstream that hangs
         self.hits: list[Hit] = []
         self._lock = threading.Lock()
+        self._calls = 0
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 start = time.monotonic()
+                with owner._lock:
+                    owner._calls += 1
+                    nth = owner._calls
                 time.sleep(owner.hang)
-                failing = owner.failing
+                failing = owner.failing or (owner.fail_every > 0 and nth % owner.fail_every == 0)
                 time.sleep(FAIL_DELAY if failing else owner.delay)
                 status = 500 if failing else 200
                 tag = self.path.partition("tag=")[2]
@@ -739,3 +746,152 @@ def test_a_producer_meets_a_frozen_state_store_within_the_deadline(
             assert time.monotonic() - started < PUBLISH_TIMEOUT + 0.5
             assert admitted is (on_state_error == "closed")
         os.kill(servers[0].pid, signal.SIGCONT)  # for a quick cleanup
+
+
+# -- the rate rules ----------------------------------------------------------------------
+
+
+def test_a_downstream_failing_half_its_calls_opens_the_breaker_by_rate(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Every other call fails; fail_max (1,000) is far away: the failure rate opens it."""
+    minimum = 20
+    with scenario(
+        request,
+        "redis",
+        tmp_path,
+        breaker={
+            "fail_max": 1_000,
+            "failure_rate_threshold": 40,
+            "minimum_calls": minimum,
+            "reset_timeout": 30,
+            "fail_fast_at_submit": False,
+        },
+        worker_pool="threads",
+        concurrency=4,
+    ) as node:
+        node.start("rate")
+        node.consuming(1)
+        down = node.downstream
+        down.fail_every = 2
+        tags = [f"half-{i}" for i in range(80)]
+        for tag in tags:
+            node.publish(tag)
+        wait_for(lambda: node.record().get("state") == "open", 30, "the breaker to open")
+        calls_at_opening = len(down.hits)
+        pings = [r for r in node.records.refresh() if r["event"] == "pong"]  # calls too
+        # Not before minimum_calls calls (the pings that found the node count among them).
+        assert minimum <= calls_at_opening + len(pings) and calls_at_opening < len(tags)
+        failures = len(down.failures())
+        assert failures < 1_000  # not fail_max's doing
+        assert failures >= 0.4 * calls_at_opening - 1  # what a 50 % downstream gives
+        assert node.transitions()["open"] == 1
+        # While it is open the downstream is spared: what was let through before, and no more.
+        wait_for(lambda: node.gauges() == [2.0], 5, "the node's gauge at 2")
+        hits = len(down.hits)
+        deferred = "celery_bulkhead_breaker_refusals_total"
+        wait_for(lambda: node.total(deferred, action="deferred") >= 1, 10, "a deferral")
+        assert len(down.hits) <= hits + 4  # at most the calls already running
+
+
+def test_slow_calls_that_succeed_open_the_breaker_by_slow_call_rate(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Every call answers 200 after 0.5 s; slow_call_duration 0.3 s: the slow-call rate opens it.
+
+    Prefork: each call's duration is timed in the node's main process.
+    """
+    with scenario(
+        request,
+        "redis",
+        tmp_path,
+        breaker={
+            "fail_max": 1_000,
+            "slow_call_duration": 0.3,
+            "slow_call_rate_threshold": 80,
+            "minimum_calls": 8,
+            "reset_timeout": 30,
+            "fail_fast_at_submit": False,
+        },
+        concurrency=4,
+    ) as node:
+        node.start("slow")
+        node.consuming(1)
+        down = node.downstream
+        down.delay = 0.5
+        tags = [f"slow-{i}" for i in range(40)]
+        for tag in tags:
+            node.publish(tag)
+        wait_for(lambda: node.record().get("state") == "open", 30, "the breaker to open")
+        assert down.failures() == []  # every call succeeded
+        pings = [r for r in node.records.refresh() if r["event"] == "pong"]  # calls too
+        assert len(down.hits) + len(pings) >= 8 and len(down.hits) < len(tags)
+        assert all(node.events(t) in ([], ["done"]) for t in tags)
+        assert node.transitions()["open"] == 1
+
+
+def _script_calls(client: redis.Redis) -> int:
+    """Script calls (every breaker operation is one) the server has run since CONFIG RESETSTAT."""
+    stats = client.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
+    )
+
+
+def test_successes_through_a_rate_window_cost_no_redis_call_per_task(
+    request: pytest.FixtureRequest, tmp_path: Path, state_redis: tuple[int, Any]
+) -> None:
+    """400 successful tasks through a closed breaker with both rate rules on.
+
+    The breaker's state lives on a redis-server of the test's own, so every
+    script call it serves is the breaker's.  The node's main process counts
+    the calls in memory and reports them with its cache refresh: at most one
+    call per ``cache_seconds`` (0.2 s) while tasks run, not one per task.
+    """
+    port, _ = state_redis
+    cache = DEFAULTS["cache_seconds"]
+    tasks = 400
+    with scenario(
+        request,
+        "redis",
+        tmp_path,
+        breaker={
+            "fail_max": 1_000,
+            "failure_rate_threshold": 50,
+            "slow_call_duration": 5,
+            "minimum_calls": 10,
+            "fail_fast_at_submit": False,  # the producer looks at nothing
+        },
+        state_url=f"redis://127.0.0.1:{port}/0",
+        worker_pool="threads",
+        concurrency=8,
+    ) as node:
+        node.start("cost")
+        node.consuming(1)
+        stats = redis.Redis(port=port)
+        stats.config_resetstat()
+        started = time.monotonic()
+        tags = [f"ok-{i}" for i in range(tasks)]
+        for tag in tags:
+            node.publish(tag)
+        wait_for(lambda: node.terminal(tags), 60, "every task", interval=0.05)
+        elapsed = time.monotonic() - started
+        during = _script_calls(stats)
+        # The last interval's calls reach Redis with the next refresh: a ping after it.
+        record = f"bulkhead:{{breaker:{node.name}}}:state"
+
+        def counted() -> int:
+            node.publish(f"flush-{uuid.uuid4().hex[:6]}", task="ping")
+            raw = stats.hgetall(record)
+            return sum(int(v) for k, v in raw.items() if k.endswith(b":c"))
+
+        reported = wait_for(lambda: (n := counted()) >= tasks and n, 10, "the counts", 0.3)
+        stats.close()
+        assert all(node.events(t) == ["done"] for t in tags)
+        assert node.record().get("state") in (None, "closed")
+        sys.stderr.write(
+            f"\n{tasks} tasks in {elapsed:.2f}s: {during} breaker script calls "
+            f"(cache_seconds {cache}); {reported} calls counted in Redis\n"
+        )
+        assert during <= elapsed / cache + 3, (during, elapsed)
+        assert during <= tasks / 10, during

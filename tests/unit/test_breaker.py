@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from billiard.einfo import ExceptionWithTraceback
 from celery import Celery
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 
-import celery_bulkhead.breaker as breaker_module
+import celery_bulkhead.breaker.circuit as circuit_module
 from celery_bulkhead import Breaker, Bulkhead, CircuitOpen, ConfigurationError, Pool
 from celery_bulkhead.breaker import CLOSED, HALF_OPEN, OPEN, Circuit, machine
 from celery_bulkhead.breaker.memory import MemoryBreakerStore
@@ -65,6 +66,20 @@ def test_defaults_match_the_documentation() -> None:
     assert breaker.on_open == "defer" and breaker.on_state_error == "closed"
     assert breaker.fail_fast_at_submit is False
     assert breaker.cache_seconds == 1.0 and breaker.listeners == ()
+    # The rate rules are off: today's fail_max breaker exactly.
+    assert (breaker.failure_rate_threshold, breaker.slow_call_duration) == (None, None)
+    assert (breaker.minimum_calls, breaker.slow_call_rate_threshold) == (10, 100.0)
+    assert breaker.rates is None
+
+
+def test_the_rate_window_is_ten_buckets_of_the_failure_window() -> None:
+    rates = Breaker(failure_rate_threshold=50, failure_window=30, minimum_calls=4).rates
+    assert rates == machine.Rates(bucket=3_000, minimum_calls=4, failure_rate=50.0, slow_rate=None)
+    slow = Breaker(slow_call_duration=2, slow_call_rate_threshold=80).rates
+    assert slow == machine.Rates(bucket=6_000, minimum_calls=10, failure_rate=None, slow_rate=80)
+    assert Breaker(failure_window=0.001, failure_rate_threshold=1).rates.bucket == 1  # type: ignore[union-attr]
+    # Settings that differ only in their rates are different breakers.
+    assert Breaker(failure_rate_threshold=50) != Breaker(failure_rate_threshold=60)
 
 
 def test_settings_are_normalised_and_immutable() -> None:
@@ -103,6 +118,10 @@ BAD: list[tuple[str, Any]] = [
     *[("on_state_error", v) for v in ("deny", "half-open", None, True)],
     *[("fail_fast_at_submit", v) for v in ("yes", 1, 0, None)],
     *[("listeners", v) for v in (object(), [object()], "abc", [Listener, 1], 5)],
+    *[("failure_rate_threshold", v) for v in (0, -1, 100.1, math.nan, "50", True, 10**400)],
+    *[("minimum_calls", v) for v in (0, 1_000_001, 2.0, "10", None, True)],
+    *[("slow_call_duration", v) for v in (0, -1, 86_401, math.inf, "2", False)],
+    *[("slow_call_rate_threshold", v) for v in (0, 101, math.nan, None, "100", True)],
 ]
 
 
@@ -125,6 +144,23 @@ def test_an_unknown_setting_is_refused_naming_it() -> None:
 def test_the_limits_themselves_are_allowed() -> None:
     Breaker(fail_max=1, reset_timeout=86_400, half_open_max_calls=100, cache_seconds=60)
     Breaker(fail_max=100_000, half_open_max_calls=1, cache_seconds=0.05, name="a" * 63)
+    Breaker(failure_rate_threshold=100, minimum_calls=1, slow_call_duration=86_400)
+    Breaker(failure_rate_threshold=0.01, minimum_calls=1_000_000, slow_call_rate_threshold=0.01)
+    Breaker(failure_rate_threshold=None, slow_call_duration=None)
+
+
+def test_rate_errors_say_what_is_allowed() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Breaker(failure_rate_threshold=150)
+    assert info.value.allowed == "a percentage > 0 and <= 100, or None (no failure-rate rule)"
+    with pytest.raises(ConfigurationError) as info:
+        Breaker(slow_call_duration=-2)
+    assert info.value.allowed == (
+        "a number of seconds > 0 and <= 86400, or None (no slow-call rule)"
+    )
+    with pytest.raises(ConfigurationError) as info:
+        Breaker(slow_call_rate_threshold=0)
+    assert info.value.allowed == "a percentage > 0 and <= 100"
 
 
 @pytest.mark.parametrize(
@@ -388,6 +424,130 @@ def test_a_trial_given_back_frees_its_slot_and_nothing_else() -> None:
     assert machine.acquire(rec, 11_100, RESET, 2, LEASE, "c") == ("trial", 0.0, None)
 
 
+# -- the rate window (milliseconds) ----------------------------------------------------
+
+#: 10 buckets of 1 s: a 10 s window.
+RATES = machine.Rates(bucket=1_000, minimum_calls=10, failure_rate=50.0, slow_rate=None)
+
+
+def calls(n: int, failures: int = 0, slow: int = 0) -> machine.Calls:
+    return machine.Calls(n, failures, slow)
+
+
+def test_a_failure_rate_exactly_at_the_threshold_opens_it() -> None:
+    rec = machine.Record()
+    assert machine.count(rec, 100_000, calls(6, 2), RATES) is None
+    assert machine.count(rec, 100_500, calls(3, 2), RATES) is None  # 4 of 9: under minimum
+    assert machine.totals(rec, 100_500, RATES) == calls(9, 4)
+    assert machine.count(rec, 100_600, calls(1, 1), RATES) == OPEN  # 5 of 10 = 50 %
+    assert (rec.state, rec.opened_at, rec.buckets) == (OPEN, 100_600, {})
+
+
+def test_a_failure_rate_just_under_the_threshold_does_not() -> None:
+    rec = machine.Record()
+    assert machine.count(rec, 100_000, calls(11, 5), RATES) is None  # 45.5 %
+    assert machine.count(rec, 100_001, calls(100, 50), RATES) is None  # 55 of 111 = 49.5 %
+    assert rec.state == CLOSED
+    assert machine.count(rec, 100_002, calls(1, 1), RATES) == OPEN  # 56 of 112 = 50 %
+
+
+def test_thresholds_that_are_not_whole_numbers_compare_exactly() -> None:
+    third = machine.Rates(bucket=1_000, minimum_calls=3, failure_rate=100 / 3, slow_rate=None)
+    assert machine.crossed(calls(3, 1), third)
+    assert not machine.crossed(calls(300_001, 100_000), third)
+    assert machine.crossed(calls(1, 1), replace_rates(minimum_calls=1, failure_rate=100.0))
+    assert not machine.crossed(calls(1, 0), replace_rates(minimum_calls=1, failure_rate=0.01))
+
+
+def replace_rates(**changes: Any) -> machine.Rates:
+    return dataclasses.replace(RATES, **changes)
+
+
+def test_below_minimum_calls_it_never_opens() -> None:
+    rec = machine.Record()
+    for at in range(100_000, 109_000, 1_000):  # 9 calls, every one failed and slow
+        assert machine.count(rec, at, calls(1, 1, 1), replace_rates(slow_rate=1.0)) is None
+    assert rec.state == CLOSED and machine.totals(rec, 108_000, RATES) == calls(9, 9, 9)
+    # The 10th call reaches minimum_calls.
+    assert machine.count(rec, 109_000, calls(1), RATES) == OPEN
+
+
+def test_buckets_slide_out_of_the_window() -> None:
+    rec = machine.Record()
+    machine.count(rec, 100_000, calls(5, 4), RATES)  # bucket 100
+    machine.count(rec, 105_500, calls(4, 0), RATES)  # bucket 105
+    assert machine.totals(rec, 109_999, RATES) == calls(9, 4)  # buckets 100..109
+    # At 110,000 bucket 100 has left the window, its failures with it.
+    assert machine.totals(rec, 110_000, RATES) == calls(4, 0)
+    assert sorted(rec.buckets) == [105]
+    assert machine.count(rec, 110_000, calls(6, 4), RATES) is None  # 4 of 10: 40 %
+    # Had they stayed, 8 of 15 would have opened it.
+    rec2 = machine.Record()
+    machine.count(rec2, 100_000, calls(5, 4), RATES)
+    machine.count(rec2, 105_500, calls(4, 0), RATES)
+    assert machine.count(rec2, 109_999, calls(6, 4), RATES) == OPEN
+
+
+def test_slow_calls_open_it_by_their_own_rate() -> None:
+    slow = machine.Rates(bucket=1_000, minimum_calls=4, failure_rate=None, slow_rate=75.0)
+    rec = machine.Record()
+    assert machine.count(rec, 100_000, calls(4, 4, 2), slow) is None  # failures: no rule
+    assert machine.count(rec, 100_100, calls(4, 0, 3), slow) is None  # 5 of 8 slow
+    assert machine.count(rec, 100_200, calls(4, 0, 4), slow) == OPEN  # 9 of 12 = 75 %
+
+
+def test_a_slow_call_that_failed_counts_in_both_rates() -> None:
+    both = machine.Rates(bucket=1_000, minimum_calls=2, failure_rate=60.0, slow_rate=60.0)
+    rec = machine.Record()
+    assert machine.count(rec, 100_000, calls(2, 1, 1), both) is None  # 50 % and 50 %
+    assert machine.count(rec, 100_000, calls(1, 1, 1), both) == OPEN  # 66 % of each
+    slow_only = dataclasses.replace(both, failure_rate=None)
+    rec = machine.Record()
+    machine.count(rec, 100_000, calls(2, 1, 1), slow_only)
+    assert machine.count(rec, 100_000, calls(1, 1, 1), slow_only) == OPEN
+
+
+def test_counts_reported_while_not_closed_change_nothing() -> None:
+    rec = opened(10_000)
+    before = copy.deepcopy(rec)
+    assert machine.count(rec, 10_500, calls(100, 100, 100), RATES) is None
+    assert rec == before
+    machine.acquire(rec, 11_000, RESET, 1, LEASE, "a")
+    assert machine.count(rec, 11_100, calls(100, 100), RATES) is None
+    assert rec.state == HALF_OPEN and rec.buckets == {}
+
+
+def test_every_transition_starts_an_empty_window() -> None:
+    rec = machine.Record()
+    machine.count(rec, 10_000, calls(9, 4), RATES)
+    machine.failure(rec, 10_001, 1, WINDOW, None)  # fail_max=1 opens it
+    assert rec.state == OPEN and rec.buckets == {}
+    machine.acquire(rec, 11_001, RESET, 1, LEASE, "a")
+    assert machine.success(rec, 11_002, "a") == CLOSED
+    # 4 failures of 9 before the outage no longer count: 1 of 1 is under minimum_calls.
+    assert machine.count(rec, 11_003, calls(1, 1), RATES) is None
+    assert machine.totals(rec, 11_003, RATES) == calls(1, 1)
+
+
+def test_a_failure_carries_the_callers_counts_and_either_rule_opens_it() -> None:
+    rec = machine.Record()
+    # fail_max 100: the failure is counted, and its counts (9 calls, 5 failed) open it by rate.
+    assert machine.failure(rec, 100_000, 100, WINDOW, None, calls(9, 4), RATES) is None
+    assert rec.failures == 1 and machine.totals(rec, 100_000, RATES) == calls(9, 4)
+    assert machine.failure(rec, 100_001, 100, WINDOW, None, calls(1, 1), RATES) == OPEN
+    # fail_max reached first: it opens whatever the rate (here 2 of 20).
+    rec = machine.Record()
+    machine.failure(rec, 100_000, 2, WINDOW, None, calls(10, 1), RATES)
+    assert machine.failure(rec, 100_001, 2, WINDOW, None, calls(10, 1), RATES) == OPEN
+    assert rec.buckets == {}
+
+
+def test_without_rates_a_failure_counts_nothing_in_the_window() -> None:
+    rec = machine.Record()
+    assert machine.failure(rec, 100_000, 3, WINDOW, None) is None
+    assert rec.buckets == {}
+
+
 # -- the circuit: a cached view, on a fake clock ----------------------------------------
 
 
@@ -425,7 +585,7 @@ class CountingStore:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(breaker_module, "time", SimpleNamespace(monotonic=fake))
+    monkeypatch.setattr(circuit_module, "time", SimpleNamespace(monotonic=fake))
     return fake
 
 
@@ -483,6 +643,105 @@ def test_only_failures_and_trials_reach_the_store(clock: Clock) -> None:
     c.after(None, Downstream())
     c.after(None, TimeLimitExceeded(5))
     assert store.calls == {"failure": 2}
+
+
+RATE = {"fail_max": 100_000, "failure_rate_threshold": 50, "minimum_calls": 10}
+
+
+def test_a_rate_window_costs_one_store_call_per_cache_seconds_not_per_task(
+    clock: Clock,
+) -> None:
+    c, store = circuit(clock, cache_seconds=0.25, slow_call_duration=1, **RATE)
+    for _ in range(1_000):  # 10 s of successes, one every 10 ms
+        verdict = c.before()
+        assert verdict.run
+        c.after(verdict.token, None, 0.005)
+        c.after(None, Retry(), 0.005)  # not a failure: a call that did not fail
+        clock.advance(0.01)
+    assert sum(store.calls.values()) <= 10 / 0.25 + 1
+    assert set(store.calls) == {"peek", "count"}
+    # Every call was reported but the last interval's (which the next refresh carries).
+    window = store.inner._records["pay"]
+    reported = machine.totals(window, clock() * 1000, c.breaker.rates)  # type: ignore[arg-type]
+    assert 2_000 - 2 * 25 <= reported.calls <= 2_000 and reported.failures == 0
+
+
+def test_without_a_rate_window_durations_and_successes_count_nothing(clock: Clock) -> None:
+    c, store = circuit(clock)
+    for _ in range(100):
+        c.after(c.before().token, None, 5.0)
+        clock.advance(0.1)
+    assert set(store.calls) == {"peek"}
+    assert c._take() is None
+
+
+def test_counted_calls_reach_the_store_with_the_next_refresh(clock: Clock) -> None:
+    c, store = circuit(clock, **RATE)
+    assert c.before().run  # the first look
+    for _ in range(9):
+        c.after(None, None, 0.1)
+    assert store.calls == {"peek": 1}  # counted in memory
+    clock.advance(1)
+    assert c.before().run  # the refresh reports them: one call
+    assert store.calls == {"peek": 1, "count": 1}
+    assert store.inner._records["pay"].buckets  # in the window now
+
+
+def test_a_quiet_process_reports_when_its_last_task_ends_after_the_refresh_is_due(
+    clock: Clock,
+) -> None:
+    c, store = circuit(clock, **RATE)
+    assert c.before().run
+    clock.advance(1.5)  # a long task: the refresh is due when it ends
+    c.after(None, None, 1.5)
+    assert store.calls == {"peek": 1, "count": 1}
+
+
+def test_a_failure_carries_the_counted_calls_and_a_rate_opens_it(clock: Clock) -> None:
+    listener = Listener()
+    c, store = circuit(clock, listeners=(listener,), **RATE)
+    c.before()
+    for _ in range(5):
+        c.after(None, None, 0.1)
+    for _ in range(4):
+        c.after(None, Downstream(), 0.1)  # 4 failures, each with the counts so far
+    assert store.calls == {"peek": 1, "failure": 4}
+    assert c.state()[0] == CLOSED  # 4 of 9: under minimum_calls
+    c.after(None, Downstream(), 0.1)  # 5 of 10: 50 %
+    assert c.state()[0] == OPEN and listener.changes == [(CLOSED, OPEN)]
+    assert not c.before().run
+
+
+def test_slow_calls_open_it_through_the_circuit(clock: Clock) -> None:
+    c, _ = circuit(
+        clock, fail_max=100_000, minimum_calls=4, slow_call_duration=2, slow_call_rate_threshold=75
+    )
+    c.before()
+    for duration in (2.5, 3.0, 1.0, 2.0):  # 2 s is not over 2 s: 2 slow of 4
+        c.after(None, None, duration)
+    clock.advance(1)
+    assert c.before().run
+    c.after(None, None, 10.0)
+    c.after(None, Downstream(), 10.0)  # slow and failed: reported at once, 4 slow of 6
+    c.after(None, None, 2.01)
+    clock.advance(1)  # 5 slow of 7: 71 %
+    assert c.before().run
+    c.after(None, None, 60.0)  # 6 of 8 = 75 %
+    clock.advance(1)
+    assert not c.before().run and c.state()[0] == OPEN
+
+
+def test_a_rate_report_that_fails_falls_back_and_drops_its_counts(clock: Clock) -> None:
+    c, store = circuit(clock, **RATE)
+    c.before()
+    for _ in range(20):
+        c.after(None, None)
+    store.broken = True
+    clock.advance(1)
+    assert c.before().run  # on_state_error="closed"
+    store.broken = False
+    assert c._take() is None
+    assert store.inner._records["pay"].buckets == {}  # nothing reached the store
 
 
 def test_a_full_cycle_tells_the_listeners_old_and_new_state_names(clock: Clock) -> None:
@@ -860,6 +1119,28 @@ def test_the_gate_holds_a_trial_for_its_task_and_reports_how_it_ended(clock: Clo
     t.gate.finished(trial, "succeeded", 0.1, True)
     assert t.circuit.state()[0] == CLOSED
     assert t.gate.admit(FakeRequest()) is True
+
+
+def test_the_gate_reports_each_call_with_its_duration_since_it_was_let_through(
+    clock: Clock,
+) -> None:
+    t = _gate(
+        clock,
+        fail_max=100_000,
+        minimum_calls=2,
+        slow_call_duration=1.0,
+        slow_call_rate_threshold=100,
+        cache_seconds=1,
+    )
+    for _ in range(2):
+        request = FakeRequest()
+        assert t.gate.admit(request) is True
+        assert isinstance(request.bulkhead_let_through, float)  # type: ignore[attr-defined]
+        request.bulkhead_let_through -= 1.5  # type: ignore[attr-defined]  # let through 1.5 s ago
+        t.gate.finished(request, "succeeded", 0.001, True)  # Celery's runtime: not the one used
+    clock.advance(1)
+    assert t.gate.admit(FakeRequest()) is False  # 2 slow of 2: opened at the refresh
+    assert t.circuit.state()[0] == OPEN
 
 
 def test_trial_leases_are_the_time_limit_plus_a_minute_or_the_reset() -> None:
