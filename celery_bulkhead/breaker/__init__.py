@@ -116,7 +116,7 @@ class Breaker:
         on_open: what a worker does with a task while the breaker is open:
             ``"defer"`` (publish it again for the next trial time), ``"fail"``
             (fail it with ``CircuitOpen``) or ``"pause"`` (stop consuming the
-            pool's queue until the next trial time; the task is deferred).
+            pool's queues until the next trial time; the task is deferred).
         fail_fast_at_submit: raise ``CircuitOpen`` at publish time while open.
         on_state_error: when the shared state cannot be read in time, act as
             if the breaker were ``"closed"`` or ``"open"``.

@@ -5,7 +5,7 @@ before each task (free while the breaker is closed: a cached state).  While
 it is open the task does not run: ``on_open="defer"`` publishes it again to
 the continuation queue with a countdown to the next trial time (jittered,
 never lost, not a retry, not a failure); ``"fail"`` fails it with
-``CircuitOpen``; ``"pause"`` stops consuming the pool's queue until the next
+``CircuitOpen``; ``"pause"`` stops consuming the pool's queues until the next
 trial time (tasks wait in the broker) and defers the task in hand.  A
 half-open trial runs as usual; how it ends (and every failure) is reported
 to the circuit when the task ends, with its duration (this process's
@@ -231,13 +231,17 @@ class WorkerGate:
         if self._paused or consumer is None:
             return
         try:
-            consumer.cancel_task_queue(self.pool.queue)
+            # Every queue of the pool: its continuation queue too, where the task in
+            # hand is deferred to (and retries and later steps wait), so that
+            # nothing bounces through the node while the breaker is open.
+            for queue in consumed_queues(self.pool):
+                consumer.cancel_task_queue(queue)
             self._paused = True
             consumer.timer.call_after(max(retry_after, 0.05), self._resume)
             logger.warning(
-                "celery-bulkhead: pool %r: breaker open, not consuming %r for %.1fs",
+                "celery-bulkhead: pool %r: breaker open, not consuming %s for %.1fs",
                 self.pool.name,
-                self.pool.queue,
+                " or ".join(map(repr, consumed_queues(self.pool))),
                 retry_after,
             )
         except Exception:
@@ -248,7 +252,8 @@ class WorkerGate:
         if not self._paused or consumer is None:
             return
         try:
-            consumer.add_task_queue(self.pool.queue)
+            for queue in consumed_queues(self.pool):
+                consumer.add_task_queue(queue)
             self._paused = False
         except Exception:
             logger.exception("celery-bulkhead: pool %r: could not resume", self.pool.name)

@@ -551,10 +551,21 @@ def test_on_open_fail_stores_circuit_open_as_the_failure(
         assert node.total("celery_bulkhead_breaker_refusals_total", action="deferred") == 0
 
 
+def _consumed(node: Scenario) -> set[str]:
+    """The queues the scenario's nodes consume now (``celery inspect active_queues``)."""
+    replies = node.app.control.inspect(timeout=2).active_queues() or {}
+    return {queue["name"] for queues in replies.values() for queue in queues}
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["uncapped", "capped"])
 def test_on_open_pause_stops_consuming_until_the_next_trial(
-    request: pytest.FixtureRequest, tmp_path: Path
+    request: pytest.FixtureRequest, tmp_path: Path, capped: bool
 ) -> None:
-    """While open the queue grows in the broker (nothing bounces); then every task runs once."""
+    """While open the queue grows in the broker (nothing bounces); then every task runs once.
+
+    A capped pool's continuation queue (where the task in hand is deferred to) is
+    not consumed either while paused.
+    """
     reset = 4.0
     with scenario(
         request,
@@ -563,8 +574,9 @@ def test_on_open_pause_stops_consuming_until_the_next_trial(
         breaker={"on_open": "pause", "reset_timeout": reset, "fail_fast_at_submit": False},
         worker_pool="threads",
         concurrency=2,
-        capped=False,
+        capped=capped,
     ) as node:
+        pool_queues = {node.queue, f"{node.queue}.continue"} if capped else {node.queue}
         node.start("pause")
         node.consuming(1)
         node.downstream.failing = True
@@ -582,6 +594,7 @@ def test_on_open_pause_stops_consuming_until_the_next_trial(
         tags = [f"held-{i}" for i in range(10)]
         for tag in tags:
             node.publish(tag)
+        assert not _consumed(node) & pool_queues  # paused: none of the pool's queues
         time.sleep(1.0)
         paused = Connection(node.url)
         with paused as conn, conn.channel() as channel:
@@ -595,6 +608,7 @@ def test_on_open_pause_stops_consuming_until_the_next_trial(
         assert all(node.events(t) == ["done"] for t in everything)
         assert min(h.start for h in node.downstream.successes()) >= opened_at + reset - 0.1
         assert "not consuming" in node.workers[0].log()
+        assert _consumed(node) >= pool_queues  # resumed: all of them again
 
 
 def _start_redis(port: int, tmp: Path) -> subprocess.Popen[bytes]:
