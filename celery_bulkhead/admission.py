@@ -45,6 +45,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from amqp.exceptions import MessageNacked, PreconditionFailed
 from kombu.exceptions import LimitExceeded, OperationalError
 
 from . import caps, message
@@ -586,8 +587,6 @@ class Admission:
         deadline: float,
     ) -> int | None:
         """Publish on a confirm channel; None when confirmed, else the depth after a nack."""
-        from amqp.exceptions import MessageNacked, PreconditionFailed
-
         try:
             with self._confirming.acquire(deadline, self._connect) as producer:
                 # A broker that accepts the publish but never confirms it

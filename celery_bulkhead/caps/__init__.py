@@ -23,6 +23,7 @@ imported only when a Redis transport is used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 from collections.abc import Callable
@@ -130,10 +131,19 @@ def within(driver: str, connection: Any, deadline: float) -> contextlib.Abstract
     use confirm connections that :mod:`.amqp` bounds itself.
     """
     if driver != "redis":
-        return contextlib.nullcontext()
+        return _NO_SOCKETS
+    return _redis_within()(connection, deadline)
+
+
+_NO_SOCKETS = contextlib.nullcontext()
+
+
+@functools.cache
+def _redis_within() -> Callable[[Any, float], contextlib.AbstractContextManager[Any]]:
+    # Imported on first use (redis-py is an extra), not on every publish.
     from .redis import within as redis_within
 
-    return redis_within(connection, deadline)
+    return redis_within
 
 
 def install(driver: str) -> None:

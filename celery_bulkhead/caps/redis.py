@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +93,7 @@ def _tenant_put(
 ) -> None:
     assert push.bucket is not None
     key, interval, burst = push.bucket
-    status, value = scripts.run(
+    result = scripts.run(
         client,
         layout.tenant_script,
         b"2",
@@ -106,14 +106,18 @@ def _tenant_put(
         interval,
         burst,
     )
-    if int(status) == 0:
-        raise QueueFull(int(value))
-    if int(status) == 2:
-        raise TenantRefused(int(value) / 1_000_000)
+    if isinstance(result, (bytes, str)):  # a status reply: µs to the next token
+        raise TenantRefused(int(result) / 1_000_000)
+    if result < 0:
+        raise QueueFull(-result)
 
 
-@contextmanager
-def within(connection: Any, deadline: float) -> Iterator[None]:
+#: How far past its deadline a socket operation may end before ``within`` bothers
+#: to shrink the timeouts (a first attempt, just started: nothing to shrink).
+SLACK = 0.05
+
+
+def within(connection: Any, deadline: float) -> AbstractContextManager[Any]:
     """Every Redis socket operation of ``connection`` in the block ends by ``deadline``.
 
     kombu gives a connection's sockets fixed timeouts (the transport options
@@ -125,9 +129,30 @@ def within(connection: Any, deadline: float) -> Iterator[None]:
     channels made and the connections used get the time left instead; the
     configured timeouts are put back after.  ``connection`` is a producer's
     that this thread holds: nothing else uses it meanwhile.
+
+    The common case costs nothing: when the configured timeouts already end
+    within :data:`SLACK` of ``deadline`` (a publish's first attempt), the
+    timeouts are left alone.
     """
     configured = connection.transport_options
     left = max(deadline - time.monotonic(), 0.001)
+    timeout = configured.get("socket_timeout")
+    connect_timeout = configured.get("socket_connect_timeout")
+    if (
+        timeout is not None
+        and connect_timeout is not None
+        and timeout <= left + SLACK
+        and connect_timeout <= left + SLACK
+    ):
+        return _UNCHANGED
+    return _shrunk(connection, configured, left)
+
+
+_UNCHANGED = nullcontext()
+
+
+@contextmanager
+def _shrunk(connection: Any, configured: dict[str, Any], left: float) -> Iterator[None]:
     # A new dict, not an update: the connections of a pool share the configured one.
     connection.transport_options = {**configured, **dict.fromkeys(_TIMEOUTS, left)}
     for channel in _channels(connection):

@@ -20,13 +20,25 @@
 local base = KEYS[1]
 local suffixes = {{SUFFIXES}}
 local depth = redis.call('LLEN', base)
-for _, suffix in ipairs(suffixes) do
-  depth = depth + redis.call('LLEN', base .. suffix)
+-- The sub-lists exist only once a message with a priority was sent: one EXISTS
+-- for all of them is cheaper than an LLEN of each.
+local subs = {}
+for i, suffix in ipairs(suffixes) do
+  subs[i] = base .. suffix
+end
+if #subs > 0 and redis.call('EXISTS', unpack(subs)) > 0 then
+  for _, key in ipairs(subs) do
+    depth = depth + redis.call('LLEN', key)
+  end
 end
 if depth >= tonumber(ARGV[1]) then
   return -depth
 end
-redis.call('LPUSH', base .. ARGV[2], ARGV[3])
+if ARGV[2] == '' then
+  redis.call('LPUSH', base, ARGV[3])
+else
+  redis.call('LPUSH', base .. ARGV[2], ARGV[3])
+end
 if ARGV[4] then
   redis.call('PEXPIRE', base, ARGV[4])
   for _, suffix in ipairs(suffixes) do

@@ -16,16 +16,26 @@
 --
 -- {{SUFFIXES}}: the Lua list of kombu's priority sub-list suffixes (see capped_push.lua).
 --
--- Returns {1, depth after the push} when pushed, {0, depth} when the queue is
--- full, {2, µs until the tenant's next token} when the tenant is over its limit.
+-- Returns, as one reply (an array would cost the client more to parse than the
+-- whole bucket costs the server): the depth after the push (> 0) when pushed,
+-- -depth when the queue is full, and a status reply holding the µs until the
+-- tenant's next token when the tenant is over its limit.
 local base = KEYS[1]
 local suffixes = {{SUFFIXES}}
 local depth = redis.call('LLEN', base)
-for _, suffix in ipairs(suffixes) do
-  depth = depth + redis.call('LLEN', base .. suffix)
+-- The sub-lists exist only once a message with a priority was sent: one EXISTS
+-- for all of them is cheaper than an LLEN of each.
+local subs = {}
+for i, suffix in ipairs(suffixes) do
+  subs[i] = base .. suffix
+end
+if #subs > 0 and redis.call('EXISTS', unpack(subs)) > 0 then
+  for _, key in ipairs(subs) do
+    depth = depth + redis.call('LLEN', key)
+  end
 end
 if depth >= tonumber(ARGV[1]) then
-  return {0, depth}
+  return -depth
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -38,10 +48,14 @@ end
 local new_tat = base_tat + interval
 local wait = new_tat - tonumber(ARGV[6]) * interval - now
 if wait > 0 then
-  return {2, wait}
+  return redis.status_reply(string.format('%d', math.ceil(wait)))
 end
 redis.call('SET', KEYS[2], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
-redis.call('LPUSH', base .. ARGV[2], ARGV[3])
+if ARGV[2] == '' then
+  redis.call('LPUSH', base, ARGV[3])
+else
+  redis.call('LPUSH', base .. ARGV[2], ARGV[3])
+end
 local expires = tonumber(ARGV[4])
 if expires > 0 then
   redis.call('PEXPIRE', base, expires)
@@ -49,4 +63,4 @@ if expires > 0 then
     redis.call('PEXPIRE', base .. suffix, expires)
   end
 end
-return {1, depth + 1}
+return depth + 1

@@ -26,6 +26,7 @@ they touch a key, and keys carry a digest of the id, never the id itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import unicodedata
@@ -320,6 +321,7 @@ def _raise(error: ConfigurationError) -> str:
     raise error
 
 
+@functools.lru_cache(maxsize=4096)
 def digest(tenant: str) -> str:
     """A fixed-length digest of a tenant id: what keys carry instead of the id."""
     return hashlib.blake2b(tenant.encode("utf-8"), digest_size=12).hexdigest()

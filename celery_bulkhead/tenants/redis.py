@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from .. import scripts
@@ -31,6 +32,27 @@ THROTTLED_TTL = 600
 _THROTTLED_KEPT = 200
 #: What a store call raises when Redis cannot be reached in time.
 STATE_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
+
+
+#: Packed bucket commands kept (one per tenant, limit and horizon seen lately).
+_COMMANDS_KEPT = 10_000
+
+
+class _Local(threading.local):
+    """A thread's own connection to the state Redis, and the process that made it."""
+
+    pid: int | None = None
+
+
+class _Command:
+    """One tenant's bucket call: its script and arguments, packed on first use."""
+
+    __slots__ = ("args", "packed", "script")
+
+    def __init__(self, script: scripts.Script, args: tuple[Any, ...]) -> None:
+        self.script = script
+        self.args = args
+        self.packed: Any = None
 
 
 def throttled_key(pool: str) -> str:
@@ -46,6 +68,8 @@ class RedisStore:
         self._client: Any = None
         self._pid: int | None = None
         self._lock = threading.Lock()
+        self._local = _Local()
+        self._take_commands: dict[tuple[str, float, int, float], _Command] = {}
 
     @property
     def client(self) -> Any:
@@ -62,17 +86,78 @@ class RedisStore:
         return self._client
 
     def take(self, key: str, interval: float, burst: int, horizon: float = 0.0) -> Take:
-        script = scripts.load("bucket")
-        allowed, wait = scripts.run(
-            self.client,
-            script,
-            b"1",
-            key,
-            max(1, round(interval * 1_000_000)),
-            burst,
-            round(horizon * 1_000_000),
-        )
-        return Take(bool(allowed), 0.0, max(0.0, int(wait) / 1_000_000))
+        """Spend one token (GCRA, ``lua/bucket.lua``): one round trip."""
+        command = self._command(key, interval, burst, horizon)
+        conn = self._connection()
+        self._send(conn, command)
+        wait = int(self._read(conn, command)) / 1_000_000
+        return Take(wait >= 0, 0.0, abs(wait))
+
+    def _command(self, key: str, interval: float, burst: int, horizon: float) -> _Command:
+        cache_key = (key, interval, burst, horizon)
+        command = self._take_commands.get(cache_key)
+        if command is None:
+            if len(self._take_commands) >= _COMMANDS_KEPT:
+                self._take_commands.clear()  # tenants are unbounded: so is nothing here
+            args = (key, max(1, round(interval * 1_000_000)), burst, round(horizon * 1_000_000))
+            command = self._take_commands[cache_key] = _Command(scripts.load("bucket"), args)
+        return command
+
+    def _connection(self) -> Any:
+        """This thread's own connection to the state Redis.
+
+        redis-py's client wraps each command in a pool checkout, retries,
+        events and observability, which cost a tenant-limited publish more
+        than the round trip itself.  The hot path's one call goes over a
+        connection per thread instead, made from the client's settings (URL,
+        TLS, auth, timeouts), with its command packed once per tenant.
+        """
+        local = self._local
+        conn = local.__dict__.get("conn")
+        if conn is None or local.pid != os.getpid():
+            pool = self.client.connection_pool
+            conn = local.conn = pool.connection_class(**pool.connection_kwargs)
+            local.pid = os.getpid()
+        return conn
+
+    def _send(self, conn: Any, command: _Command) -> None:
+        """Send ``command`` on ``conn``: first drop the connection if it went stale.
+
+        As redis-py's pool does on checkout: a connection the server closed
+        (a restart, an idle timeout) reads as ready; it is closed here, and the
+        send connects anew.
+        """
+        if conn._sock is not None:
+            try:
+                if conn.can_read(timeout=0):
+                    raise ConnectionError("unexpected data on an idle connection")
+            except (ConnectionError, OSError, RedisError):
+                conn.disconnect()
+        packed = command.packed
+        if packed is None:
+            packed = command.packed = conn.pack_command(
+                "EVALSHA", command.script.sha, 1, *command.args
+            )
+        try:
+            conn.send_packed_command(packed, check_health=False)
+        except BaseException:
+            conn.disconnect()
+            raise
+
+    def _read(self, conn: Any, command: _Command) -> Any:
+        """The answer to ``command``; ``NOSCRIPT`` loads the script and sends it again."""
+        try:
+            return conn.read_response()
+        except NoScriptError:
+            conn.send_command("SCRIPT", "LOAD", command.script.text, check_health=False)
+            conn.read_response()
+            self._send(conn, command)
+            return self._read(conn, command)
+        except ResponseError:
+            raise  # an answer: the connection is fine
+        except BaseException:
+            conn.disconnect()
+            raise
 
     def lease(self, key: str, member: str, limit: int, seconds: float) -> tuple[bool, float]:
         script = scripts.load("lease")

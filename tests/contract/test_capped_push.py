@@ -133,3 +133,66 @@ def test_a_capped_push_refreshes_the_queues_expiry_like_kombu() -> None:
             with conn.channel() as channel:
                 queue(channel).delete()
             client.delete(name)
+
+
+def _tenant_push(queue: Queue, cap: int, key: str, rate: int, burst: int) -> CappedPush:
+    interval = str(1_000_000 // rate).encode()
+    return CappedPush(queue.name, cap, (key, interval, str(burst).encode()))
+
+
+def publish_for_tenant(
+    connection: Connection, push: CappedPush, queue: Queue, priority: int
+) -> None:
+    token = CURRENT.set(push)
+    try:
+        with connection.Producer() as producer:
+            producer.publish(
+                {"n": 1}, exchange=queue.exchange, routing_key=queue.routing_key, priority=priority
+            )
+    finally:
+        CURRENT.reset(token)
+
+
+@pytest.mark.parametrize("priority", [0, 6])
+def test_the_one_call_tenant_push_counts_every_priority_and_spends_no_token_when_full(
+    priority: int,
+) -> None:
+    """Redis: bucket, cap and push in one call (``lua/tenant_push.lua``).
+
+    A full queue refuses before the tenant's bucket is touched; a spent
+    bucket refuses with the wait until its next token, and pushes nothing.
+    """
+    import redis
+
+    caps.install("redis")
+    name = f"contract-tenant-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    key = f"bulkhead:{{contract:{name}}}:rate"
+    client = redis.Redis.from_url(BROKERS["redis"])
+    with Connection(BROKERS["redis"], transport_options={"priority_steps": [0, 3, 6, 9]}) as conn:
+        queue(conn.default_channel).declare()
+        try:
+            # Two messages of other priorities first: the cap counts them.
+            publish(conn, queue, cap=10, priority=3)
+            publish(conn, queue, cap=10, priority=9)
+            push = _tenant_push(queue, cap=3, key=key, rate=1, burst=5)
+            publish_for_tenant(conn, push, queue, priority)  # depth 3: one token spent
+            tat_after_one = int(client.get(key) or 0)
+            assert tat_after_one > 0
+            with pytest.raises(QueueFull) as full:
+                publish_for_tenant(conn, push, queue, priority)
+            assert full.value.depth == 3
+            assert depth(conn, queue) == 3
+            assert int(client.get(key) or 0) == tat_after_one  # the refused push spent nothing
+            roomy = _tenant_push(queue, cap=100, key=key, rate=1, burst=5)
+            for _ in range(4):  # the 4 tokens left of the burst of 5
+                publish_for_tenant(conn, roomy, queue, priority)
+            with pytest.raises(caps.TenantRefused) as limited:
+                publish_for_tenant(conn, roomy, queue, priority)
+            assert 0 < limited.value.wait <= 1.0  # the next token of 1/s
+            assert depth(conn, queue) == 7
+            assert 0 < client.pttl(key) <= 5_000  # no longer than a full refill
+        finally:
+            with conn.channel() as channel:
+                queue(channel).delete()
+            client.delete(key)

@@ -367,6 +367,103 @@ def test_on_a_redis_broker_bucket_cap_and_push_are_one_call(
     env.cleanup()
 
 
+def _monitored(private_redis: PrivateRedis, publish: Callable[[], None]) -> list[dict[str, Any]]:
+    """The commands clients sent to ``private_redis`` while ``publish()`` ran."""
+    commands: list[dict[str, Any]] = []
+    stop = f"stop-{uuid.uuid4().hex}"
+    with private_redis.client().monitor() as monitor:
+        ready = threading.Event()
+
+        def watch() -> None:
+            ready.set()
+            for command in monitor.listen():
+                commands.append(command)
+                if stop in command["command"]:
+                    return
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        ready.wait(5)
+        publish()
+        private_redis.client().echo(stop)
+        thread.join(timeout=10)
+    return [c for c in commands if c.get("client_type") != "lua"]
+
+
+def test_with_state_apart_from_the_broker_each_publish_costs_one_state_call(
+    rabbitmq_with_private_state: Limited, private_redis: PrivateRedis
+) -> None:
+    """RabbitMQ with the state in Redis: one bucket call per publish, admitted or refused.
+
+    3 tokens admit 3 publishes and refuse the 4th, over the store's own connection.
+    """
+    env = rabbitmq_with_private_state
+    task = env.app(rate="2/s", burst=3, max_queue=100).tasks[TASK]
+    task.delay(tenant="warm-up")  # connected to both, script loaded
+    bucket = bucket_key(env.pool, "acme")
+    refused: list[TenantLimited] = []
+
+    def publish() -> None:
+        for _ in range(3):
+            task.delay(tenant="acme")
+        try:
+            task.delay(tenant="acme")
+        except TenantLimited as exc:
+            refused.append(exc)
+
+    commands = _monitored(private_redis, publish)
+    on_bucket = [c for c in commands if bucket in c["command"]]
+    assert len(on_bucket) == 4, on_bucket
+    assert all(c["command"].upper().startswith("EVALSHA") for c in on_bucket)
+    assert len(refused) == 1 and 0 < refused[0].retry_after <= 0.5
+    wait_for(lambda: env.depth() == 4, 10, "the warm-up and the 3 admitted in the queue")
+
+
+def test_a_publish_that_fails_before_admission_spends_no_token(
+    rabbitmq_with_private_state: Limited,
+) -> None:
+    """Celery refuses a bad ``countdown`` while building the message: no token is spent."""
+    env = rabbitmq_with_private_state
+    task = env.app(rate="1/s", burst=2, max_queue=100).tasks[TASK]
+    task.delay(tenant="warm-up")
+    with pytest.raises((TypeError, ValueError)):
+        task.apply_async(kwargs={"tenant": "acme"}, countdown="soon")
+    for _ in range(2):
+        task.delay(tenant="acme")  # both of acme's tokens are still there
+    assert not _admitted(task, "acme")
+    wait_for(lambda: env.depth() == 3, 10, "warm-up and acme x2 in the queue")
+
+
+def test_a_retry_spends_no_token_and_sends_no_state_call(
+    rabbitmq_with_private_state: Limited, private_redis: PrivateRedis
+) -> None:
+    """A retry bypasses the tenant gate: no call to the state store, no token spent."""
+    env = rabbitmq_with_private_state
+    task = env.app(rate="1/s", burst=2, max_queue=100).tasks[TASK]
+    task.delay(tenant="warm-up")
+    bucket = bucket_key(env.pool, "acme")
+
+    def publish() -> None:
+        for _ in range(5):
+            task.apply_async(kwargs={"tenant": "acme"}, retries=1)
+
+    commands = _monitored(private_redis, publish)
+    assert not [c["command"] for c in commands if bucket in c["command"]]
+    for _ in range(2):
+        task.delay(tenant="acme")  # both tokens still there
+    assert not _admitted(task, "acme")
+    wait_for(lambda: env.depth() == 3, 10, "warm-up and 2 admitted in the queue")
+
+    def continued() -> int:  # retries go to the pool's continuation queue
+        with Connection(env.url) as conn, conn.channel() as channel:
+            declared = channel.queue_declare(queue=f"{env.queue}.continue", passive=True)
+            return int(declared.message_count)
+
+    wait_for(lambda: continued() == 5, 10, "the 5 retries in the continuation queue")
+    with Connection(env.url) as conn, conn.channel() as channel:
+        channel.queue_delete(f"{env.queue}.continue")
+
+
 def test_the_one_call_path_is_used_only_where_it_is_exact() -> None:
     redis_env = _limited("redis")
     assert installed_on(app := redis_env.app(rate=1)).admission._one_call(_pool(app))
@@ -445,7 +542,7 @@ def test_one_shot_tenants_leave_no_key_behind(private_redis: PrivateRedis) -> No
                 key = bucket_key(pool, f"one-shot-{n}")
                 pipe.evalsha(bucket.sha, 1, key, b"1000", b"1", b"0")
             answers = pipe.execute()
-        assert all(int(allowed) == 1 for allowed, _ in answers)  # new tenants: full buckets
+        assert all(int(wait) == 0 for wait in answers)  # new tenants: full buckets, allowed now
         assert _without_ttl(client) == kept, "a tenant key without a TTL"
     assert client.llen(env.queue) == published + 1
     wait_for(lambda: client.dbsize() == kept, 30, "every tenant key to expire", 0.2)
