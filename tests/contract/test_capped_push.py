@@ -43,8 +43,14 @@ def queue(connection: Connection) -> Iterator[Queue]:
         queue(channel).delete()
 
 
-def publish(connection: Connection, queue: Queue, cap: int, priority: int = 0) -> None:
-    token = CURRENT.set(CappedPush(queue.name, cap))
+def publish(
+    connection: Connection,
+    queue: Queue,
+    cap: int,
+    priority: int = 0,
+    push: CappedPush | None = None,
+) -> None:
+    token = CURRENT.set(push or CappedPush(queue.name, cap))
     try:
         with connection.Producer() as producer:
             producer.publish(
@@ -140,19 +146,6 @@ def _tenant_push(queue: Queue, cap: int, key: str, rate: int, burst: int) -> Cap
     return CappedPush(queue.name, cap, (key, interval, str(burst).encode()))
 
 
-def publish_for_tenant(
-    connection: Connection, push: CappedPush, queue: Queue, priority: int
-) -> None:
-    token = CURRENT.set(push)
-    try:
-        with connection.Producer() as producer:
-            producer.publish(
-                {"n": 1}, exchange=queue.exchange, routing_key=queue.routing_key, priority=priority
-            )
-    finally:
-        CURRENT.reset(token)
-
-
 @pytest.mark.parametrize("priority", [0, 6])
 def test_the_one_call_tenant_push_counts_every_priority_and_spends_no_token_when_full(
     priority: int,
@@ -176,19 +169,19 @@ def test_the_one_call_tenant_push_counts_every_priority_and_spends_no_token_when
             publish(conn, queue, cap=10, priority=3)
             publish(conn, queue, cap=10, priority=9)
             push = _tenant_push(queue, cap=3, key=key, rate=1, burst=5)
-            publish_for_tenant(conn, push, queue, priority)  # depth 3: one token spent
+            publish(conn, queue, 0, priority, push=push)  # depth 3: one token spent
             tat_after_one = int(client.get(key) or 0)
             assert tat_after_one > 0
             with pytest.raises(QueueFull) as full:
-                publish_for_tenant(conn, push, queue, priority)
+                publish(conn, queue, 0, priority, push=push)
             assert full.value.depth == 3
             assert depth(conn, queue) == 3
             assert int(client.get(key) or 0) == tat_after_one  # the refused push spent nothing
             roomy = _tenant_push(queue, cap=100, key=key, rate=1, burst=5)
             for _ in range(4):  # the 4 tokens left of the burst of 5
-                publish_for_tenant(conn, roomy, queue, priority)
+                publish(conn, queue, 0, priority, push=roomy)
             with pytest.raises(caps.TenantRefused) as limited:
-                publish_for_tenant(conn, roomy, queue, priority)
+                publish(conn, queue, 0, priority, push=roomy)
             assert 0 < limited.value.wait <= 1.0  # the next token of 1/s
             assert depth(conn, queue) == 7
             assert 0 < client.pttl(key) <= 5_000  # no longer than a full refill

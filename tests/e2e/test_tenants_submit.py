@@ -322,51 +322,6 @@ def test_defer_publishes_with_an_eta_spaced_at_the_rate(limited: Limited) -> Non
 # -- one call, Redis time ---------------------------------------------------------------------
 
 
-def test_on_a_redis_broker_bucket_cap_and_push_are_one_call(
-    private_redis: PrivateRedis,
-) -> None:
-    env = _limited("redis", url=private_redis.url())
-    app = env.app(rate="2/s", burst=3, max_queue=100)
-    task = app.tasks[TASK]
-    assert installed_on(app).admission._one_call(_pool(app))
-    task.delay(tenant="warm-up")  # declared, connected, scripts loaded
-    bucket = bucket_key(env.pool, "acme").encode()
-    commands: list[dict[str, Any]] = []
-    stop = f"stop-{uuid.uuid4().hex}"
-    watcher = private_redis.client()
-    with watcher.monitor() as monitor:
-        ready = threading.Event()
-
-        def watch() -> None:
-            ready.set()
-            for command in monitor.listen():
-                commands.append(command)
-                if stop in command["command"]:
-                    return
-
-        thread = threading.Thread(target=watch, daemon=True)
-        thread.start()
-        ready.wait(5)
-        for _ in range(3):
-            task.delay(tenant="acme")
-        with pytest.raises(TenantLimited) as refused:
-            task.delay(tenant="acme")
-        private_redis.client().echo(stop)
-        thread.join(timeout=10)
-    assert 0 < refused.value.retry_after <= 0.5
-    from_clients = [c for c in commands if c.get("client_type") != "lua"]
-    on_bucket = [c for c in from_clients if bucket.decode() in c["command"]]
-    # Every publish, admitted or not, touched its bucket in exactly one call...
-    assert len(on_bucket) == 4, on_bucket
-    assert all(c["command"].upper().startswith("EVALSHA") for c in on_bucket)
-    # ... which pushed the admitted ones: nothing else pushed or read the bucket.
-    for c in from_clients:
-        verb = c["command"].split(" ", 1)[0].strip('"').upper()
-        assert verb not in ("LPUSH", "RPUSH", "GET", "SET", "EVAL"), c["command"]
-    assert private_redis.client().llen(env.queue) == 4  # warm-up and 3 admitted
-    env.cleanup()
-
-
 def _monitored(private_redis: PrivateRedis, publish: Callable[[], None]) -> list[dict[str, Any]]:
     """The commands clients sent to ``private_redis`` while ``publish()`` ran."""
     commands: list[dict[str, Any]] = []
@@ -390,6 +345,40 @@ def _monitored(private_redis: PrivateRedis, publish: Callable[[], None]) -> list
     return [c for c in commands if c.get("client_type") != "lua"]
 
 
+def _three_then_refused(task: Any, refused: list[TenantLimited]) -> None:
+    """Three publishes for acme (its burst of 3), then a fourth, refused, into ``refused``."""
+    for _ in range(3):
+        task.delay(tenant="acme")
+    try:
+        task.delay(tenant="acme")
+    except TenantLimited as exc:
+        refused.append(exc)
+
+
+def test_on_a_redis_broker_bucket_cap_and_push_are_one_call(
+    private_redis: PrivateRedis,
+) -> None:
+    env = _limited("redis", url=private_redis.url())
+    app = env.app(rate="2/s", burst=3, max_queue=100)
+    task = app.tasks[TASK]
+    assert installed_on(app).admission._one_call(_pool(app))
+    task.delay(tenant="warm-up")  # declared, connected, scripts loaded
+    bucket = bucket_key(env.pool, "acme").encode()
+    refused: list[TenantLimited] = []
+    from_clients = _monitored(private_redis, lambda: _three_then_refused(task, refused))
+    assert len(refused) == 1 and 0 < refused[0].retry_after <= 0.5
+    on_bucket = [c for c in from_clients if bucket.decode() in c["command"]]
+    # Every publish, admitted or not, touched its bucket in exactly one call...
+    assert len(on_bucket) == 4, on_bucket
+    assert all(c["command"].upper().startswith("EVALSHA") for c in on_bucket)
+    # ... which pushed the admitted ones: nothing else pushed or read the bucket.
+    for c in from_clients:
+        verb = c["command"].split(" ", 1)[0].strip('"').upper()
+        assert verb not in ("LPUSH", "RPUSH", "GET", "SET", "EVAL"), c["command"]
+    assert private_redis.client().llen(env.queue) == 4  # warm-up and 3 admitted
+    env.cleanup()
+
+
 def test_with_state_apart_from_the_broker_each_publish_costs_one_state_call(
     rabbitmq_with_private_state: Limited, private_redis: PrivateRedis
 ) -> None:
@@ -402,16 +391,7 @@ def test_with_state_apart_from_the_broker_each_publish_costs_one_state_call(
     task.delay(tenant="warm-up")  # connected to both, script loaded
     bucket = bucket_key(env.pool, "acme")
     refused: list[TenantLimited] = []
-
-    def publish() -> None:
-        for _ in range(3):
-            task.delay(tenant="acme")
-        try:
-            task.delay(tenant="acme")
-        except TenantLimited as exc:
-            refused.append(exc)
-
-    commands = _monitored(private_redis, publish)
+    commands = _monitored(private_redis, lambda: _three_then_refused(task, refused))
     on_bucket = [c for c in commands if bucket in c["command"]]
     assert len(on_bucket) == 4, on_bucket
     assert all(c["command"].upper().startswith("EVALSHA") for c in on_bucket)
