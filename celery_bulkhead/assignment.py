@@ -10,6 +10,8 @@ guessing would route work to the wrong workers.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Iterable, Mapping
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
@@ -23,6 +25,20 @@ __all__ = ["TASK_ATTRIBUTE", "Assignment"]
 
 #: The task option/class attribute that names a task's pool.
 TASK_ATTRIBUTE = "bulkhead"
+
+
+#: Task functions declared with ``@app.task(bulkhead=...)``, and the assignments
+#: (one per Bulkhead) they were declared through.  Celery registers a task
+#: declared with ``shared=True`` (its default) on every app of the process as
+#: it is finalized; there the ``bulkhead`` attribute names a pool of another
+#: app's Bulkhead, and the task is in no pool of this one.
+_DECLARED: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Assignment]] = weakref.WeakKeyDictionary()
+
+
+def _function_of(task: Any) -> Any:
+    """The function a task object was made from (Celery's ``_task_from_fun``), if any."""
+    run = vars(type(task)).get("__wrapped__")
+    return getattr(run, "__func__", run)  # unbound (bind=False: a staticmethod)
 
 
 class Assignment:
@@ -105,11 +121,29 @@ class Assignment:
             error.args = (f"{where}: {error}",)
         return error
 
-    def assign(self, task_name: str, pool_name: Any, *, module: str | None = None) -> Pool:
-        """Record that ``task_name`` (defined in ``module``) was decorated into ``pool_name``."""
+    def assign(
+        self, task_name: str, pool_name: Any, *, module: str | None = None, function: Any = None
+    ) -> Pool:
+        """Record that ``task_name`` (defined in ``module``) was decorated into ``pool_name``.
+
+        ``function``: the decorated function, remembered as declared through
+        this assignment (see :data:`_DECLARED`).
+        """
         pool = self.pool(pool_name, task=task_name, module=module)
         self._named[task_name] = pool
+        if function is not None:
+            # Not weak-referenceable (a builtin): judged as any other task.
+            with contextlib.suppress(TypeError):
+                _DECLARED.setdefault(function, weakref.WeakSet()).add(self)
         return pool
+
+    def _declared_elsewhere(self, task: Any) -> bool:
+        """Whether ``task`` was declared through another Bulkhead's app, never this one's."""
+        try:
+            through = _DECLARED.get(_function_of(task))
+        except TypeError:
+            return False
+        return through is not None and len(through) > 0 and self not in through
 
     def _match_uncached(self, name: str) -> Pool | None:
         matches = [pool for pattern, pool in self._patterns if fnmatchcase(name, pattern)]
@@ -134,6 +168,8 @@ class Assignment:
             try:
                 return self._pools[explicit]
             except (KeyError, TypeError):
+                if self._declared_elsewhere(task):
+                    return None  # another app's pool, shared into this app by Celery
                 module = getattr(task, "__module__", None)
                 module = module if isinstance(module, str) else None
                 raise self._unknown(explicit, TASK_ATTRIBUTE, str(name), module) from None

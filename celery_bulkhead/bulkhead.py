@@ -218,7 +218,9 @@ class Bulkhead:
             # The name Celery will give the task (Celery._task_from_fun).
             name = options.get("name") or app.gen_task_name(fun.__name__, fun.__module__)
             # An unknown pool fails here, at decoration, naming the task and its module.
-            pool = assignment.assign(name, options[TASK_ATTRIBUTE], module=fun.__module__)
+            pool = assignment.assign(
+                name, options[TASK_ATTRIBUTE], module=fun.__module__, function=fun
+            )
             if options.get("queue") is not None:
                 # Celery lets a task's own queue= beat every router: the task
                 # would leave its pool's queue, workers, cap and limits.

@@ -124,6 +124,38 @@ def test_unknown_pool_on_a_shared_task_is_caught_by_validate_tasks() -> None:
         _state._on_app_finalizers.difference_update(set(_state._on_app_finalizers) - before)
 
 
+def test_a_shared_task_of_one_apps_pool_is_in_no_pool_of_another_app() -> None:
+    """``@app.task(bulkhead=...)`` with Celery's default ``shared=True``: Celery adds
+    the task to every app of the process as it is finalized.  Another app's
+    Bulkhead, which has no such pool, treats it as a task in none of its pools
+    instead of refusing to start."""
+    from celery import _state
+
+    before = set(_state._on_app_finalizers)
+    try:
+        first = new_app()
+        Bulkhead(first, pools=[Pool("io", queue="shared.io")])
+
+        @first.task(bulkhead="io", name="tests.shared_into_others")
+        def fetch() -> None: ...
+
+        second = new_app()
+        other = Bulkhead(second, pools=[Pool("reports", queue="shared.reports")])
+        other.validate_tasks()  # finalizes second: the shared task joins it, no error
+        assert "tests.shared_into_others" in second.tasks
+        assert other.pool_for("tests.shared_into_others") is None
+        assert queue_of(second, "tests.shared_into_others") == "celery"
+        assert queue_of(first, "tests.shared_into_others") == "shared.io"
+        # A typo on the app itself is still refused, at decoration.
+        with pytest.raises(ConfigurationError, match="did you mean 'reports'"):
+
+            @second.task(bulkhead="report", name="tests.typo", shared=False)
+            def typo() -> None: ...
+
+    finally:
+        _state._on_app_finalizers.difference_update(set(_state._on_app_finalizers) - before)
+
+
 def test_the_apps_own_routes_keep_working() -> None:
     def by_function(name: str, *args: Any, **kwargs: Any) -> dict[str, str] | None:
         return {"queue": "from-function"} if name == "legacy.func" else None
