@@ -31,9 +31,13 @@ failure, and it is never lost: if the new publish fails, the task runs.
   slot is further away is deferred by that much and checked again.
 * After ``max_deferrals`` deferrals a task runs anyway: a bound on how long
   one task can be pushed back.
-* A lease lasts the pool's ``time_limit`` plus a minute (an hour without
-  one) and is released when the task ends however it ends; a worker killed
-  with ``kill -9`` gives its slots back when their leases expire.
+* A lease lasts the pool's ``time_limit`` plus a minute and is released when
+  the task ends however it ends; a worker killed with ``kill -9`` gives its
+  slots back when their leases expire.  Without a ``time_limit`` a task may
+  run for ever: its lease lasts :data:`RENEWED_LEASE` (5 minutes) and the
+  worker's main process renews the leases of its running tasks every third
+  of that, so a long task keeps its slot and a killed worker's slots come
+  back within 5 minutes.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ logger = logging.getLogger(__name__)
 DEFERRALS = "bulkhead_deferrals"
 #: Set on a task whose token was spent for the moment it is due.
 RESERVED = "bulkhead_reserved"
-_LEASE_WITHOUT_TIME_LIMIT = 3600.0
+#: Seconds a lease lasts in a pool without a ``time_limit``, renewed every third of it.
+RENEWED_LEASE = 300.0
 _BACKOFF_MIN, _BACKOFF_MAX = 0.5, 30.0
 
 
@@ -89,7 +94,13 @@ class WorkerGate:
         self.worker: Any = None
         self._paused = False
         self.target = consumed_queues(pool)[-1]  # the continuation queue of a capped pool
-        self.lease_seconds = (pool.time_limit or _LEASE_WITHOUT_TIME_LIMIT) + 60.0
+        #: Leases are renewed while their tasks run when the pool has no time limit.
+        time_limit = pool.time_limit
+        self.renewing = time_limit is None
+        self.lease_seconds = RENEWED_LEASE if time_limit is None else time_limit + 60.0
+        #: The leases this node holds for running tasks: task id -> tenant.
+        self._held: dict[str, str] = {}
+        self._renewals: Any = None
         options = app.conf.broker_transport_options or {}
         horizon = self.limit.max_defer if self.limit is not None else 3600.0
         if str(app.conf.broker_url or "").startswith(("redis", "rediss", "sentinel")):
@@ -178,6 +189,10 @@ class WorkerGate:
             if self.defer(request, wait, deferrals, reserved=reserved):
                 return False
         request.bulkhead_tenant = tenant  # released when the task ends
+        if held is not None and held[0]:
+            self._held[request.id] = tenant
+            if self.renewing and self._renewals is None:
+                self._start_renewals()
         return True
 
     def _circuit_ok(self, request: Any, deferrals: int) -> bool:
@@ -277,11 +292,41 @@ class WorkerGate:
     def release(self, request: Any) -> None:
         """Give the task's in-flight slot and any unused trial back (however it ends)."""
         self._give_back_trial(request)
+        self._held.pop(request.id, None)
         tenant = getattr(request, "bulkhead_tenant", None)
         if tenant is not None and self.limit is not None and self.limiter is not None:
             request.bulkhead_tenant = None
             if self.limit.max_inflight is not None:
                 self.limiter.release(self.pool, tenant, request.id)
+
+    # -- lease renewal (pools without a time limit) ----------------------------------
+
+    def _start_renewals(self) -> None:
+        """Renew the held leases every third of their length, on the worker's timer."""
+        consumer = getattr(self.worker, "consumer", None)
+        timer = getattr(consumer, "timer", None) or getattr(self.worker, "timer", None)
+        if timer is None:  # no worker (a unit test): leases simply last RENEWED_LEASE
+            return
+        self._renewals = timer.call_repeatedly(self.lease_seconds / 3, self.renew)
+
+    def renew(self) -> None:
+        """Extend the lease of every task of this node that is still running."""
+        limiter = self.limiter
+        if limiter is None:
+            return
+        for task_id, tenant in list(self._held.items()):
+            try:
+                held = limiter.lease(self.pool, tenant, task_id, self.lease_seconds)
+            except Exception:  # a timer callback must not die: the next round tries again
+                logger.exception("celery-bulkhead: pool %r: lease renewal failed", self.pool.name)
+                continue
+            if held is not None and not held[0] and task_id in self._held:
+                logger.warning(
+                    "celery-bulkhead: pool %r: task %s lost its in-flight slot (its lease "
+                    "expired before it was renewed); it keeps running",
+                    self.pool.name,
+                    task_id,
+                )
 
     # -- deferral ------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ The pools (their index is their metrics port's offset from the base port):
 5. ``crash``: at most 2 per tenant, prefork x2, ``time_limit=3`` (so a lease lasts
    63 s) and ``acks_late=False`` (a task killed with its worker is not redelivered,
    so only the lease's expiry can give its slot back).
+6. ``renewed``: at most 1 per tenant and no time limit, so leases are renewed while
+   their tasks run; ``BULKHEAD_TEST_RENEWED_LEASE`` shortens them (seconds).
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ import redis
 from celery import Celery
 
 from celery_bulkhead import Bulkhead, Pool, TenantLimit
+from celery_bulkhead.worker import gate
 from celery_bulkhead.worker.gate import DEFERRALS
 
+if os.environ.get("BULKHEAD_TEST_RENEWED_LEASE"):
+    # Minutes in production; seconds here, so that a test outlives several leases.
+    gate.RENEWED_LEASE = float(os.environ["BULKHEAD_TEST_RENEWED_LEASE"])
+
 RECORDS_URL = "redis://127.0.0.1:6379/9"
-POOLS = ("submit", "paced", "flooded", "inflight", "budget", "crash")
+POOLS = ("submit", "paced", "flooded", "inflight", "budget", "crash", "renewed")
 #: The crash pool's hard time limit: its leases last this plus a minute.
 CRASH_TIME_LIMIT = 3.0
 
@@ -119,6 +126,15 @@ def make_tenants_app(
             drain_timeout=1.5,
             tenant=TenantLimit(key="header:X-Tenant", max_inflight=2, max_deferrals=1000),
         ),
+        # No time limit: leases renewed while their tasks run.
+        Pool(
+            "renewed",
+            queue=f"{prefix}.renewed",
+            worker_pool="threads",
+            concurrency=2,
+            drain_timeout=1.5,
+            tenant=TenantLimit(key="tenant", max_inflight=1, max_deferrals=1000),
+        ),
     ]
     assert tuple(pool.name for pool in pools) == POOLS
     Bulkhead(app, pools=pools)
@@ -165,6 +181,12 @@ def make_tenants_app(
 
     @app.task(bind=True, bulkhead="budget", name="tenants.budget", shared=False)
     def budgeted(
+        self: Any, tenant: str, tag: str, release_key: str | None = None, seconds: float = 30.0
+    ) -> None:
+        hold(self, tenant, tag, release_key, seconds)
+
+    @app.task(bind=True, bulkhead="renewed", name="tenants.renewed", shared=False)
+    def renewed(
         self: Any, tenant: str, tag: str, release_key: str | None = None, seconds: float = 30.0
     ) -> None:
         hold(self, tenant, tag, release_key, seconds)

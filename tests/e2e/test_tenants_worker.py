@@ -14,7 +14,9 @@ starts.  These tests try to break what docs/tenants.md promises there:
 * a task stopped by its hard time limit gives its slot back at once;
 * the slots of tasks killed with ``kill -9`` come back when their leases
   expire (``time_limit`` + 60 s): that scenario starts first, so its wait
-  overlaps the other tests.
+  overlaps the other tests;
+* without a time limit, a running task's lease is renewed: a task that
+  outlives several lease lengths keeps its slot.
 
 Tenants are named per run (``<name>-<uuid>``), so runs sharing a Redis never
 share a bucket or a lease set; every key a test made is deleted at the end.
@@ -149,13 +151,13 @@ class Stage:
     def key(self, name: str) -> str:
         return self.env.key(name)
 
-    def start(self, pool: str) -> Node:
+    def start(self, pool: str, **env: str) -> Node:
         """A supervised node for ``pool`` with its metrics on a free port, not yet known ready."""
         port = _free_port()
         process = self.env.start(
             "--pool",
             pool,
-            extra_env={"BULKHEAD_TEST_METRICS_PORT": str(port - POOLS.index(pool))},
+            extra_env={"BULKHEAD_TEST_METRICS_PORT": str(port - POOLS.index(pool)), **env},
         )
         return Node(self.env, pool, process, port)
 
@@ -696,3 +698,47 @@ def test_slots_of_killed_tasks_come_back_when_their_leases_expire(
     assert len(stage.runs("dead-", "started")) == 2
     assert not stage.runs("dead-")
     assert stage.records.client.zcard(lease_key("crash", crashed.tenant)) == 0
+
+
+# -- lease renewal without a time limit ---------------------------------------------------------
+
+RENEWED_LEASE = 1.5  # seconds, in the node (BULKHEAD_TEST_RENEWED_LEASE); 300 in production
+
+
+def test_a_task_without_a_time_limit_keeps_its_slot_for_as_long_as_it_runs(
+    on_redis: Stage,
+) -> None:
+    """max_inflight=1, no time limit: the first task runs for several lease lengths.
+
+    Its lease is renewed meanwhile (its expiry keeps moving), so the tenant's
+    second task waits until the first ends, then runs; the slot is released.
+    """
+    stage = on_redis
+    node = stage.start("renewed", BULKHEAD_TEST_RENEWED_LEASE=str(RENEWED_LEASE))
+    task = stage.app.tasks["tenants.renewed"]
+    stage.ready(node, lambda tag: task.delay(tenant="warm-up", tag=tag))
+    stage.tenants.add("warm-up")
+    tenant = stage.tenant("long")
+    release = stage.key("release-long")
+    first = task.delay(tenant=tenant, tag=f"long-{tenant}-0", release_key=release, seconds=60.0).id
+    stage.records.wait("started", f"long-{tenant}-0", timeout=30)
+    leases = stage.records.client
+    key = lease_key("renewed", tenant)
+    taken = leases.zscore(key, first)
+    assert taken is not None
+    task.delay(tenant=tenant, tag=f"long-{tenant}-1", release_key=release, seconds=60.0)
+    # Renewed again and again: the expiry moves on by three lease lengths and more ...
+    wait_for(
+        lambda: (leases.zscore(key, first) or 0) >= taken + 3 * RENEWED_LEASE * 1000,
+        30,
+        "the running task's lease to be renewed past three lease lengths",
+    )
+    # ... and all that time the tenant's second task did not start.
+    assert not stage.runs(f"long-{tenant}-1", "started"), "a second task took the held slot"
+    stage.env.release(release)
+    stage.records.wait("started", f"long-{tenant}-1", timeout=30)
+    stage.env.release(release)
+    stage.records.wait("done", f"long-{tenant}-1", timeout=30)
+    spans = _spans(stage, f"long-{tenant}-")
+    assert _most_at_once(list(spans.values())) == 1
+    wait_for(lambda: leases.zcard(key) == 0, 10, "the slots to be released")
