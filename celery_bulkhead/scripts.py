@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-__all__ = ["Script", "load", "run"]
+__all__ = ["Script", "fragment", "load", "run"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,11 @@ class Script:
 @functools.lru_cache(maxsize=64)
 def _template(name: str) -> str:
     return resources.files(__package__).joinpath(f"lua/{name}.lua").read_text()
+
+
+def fragment(name: str) -> str:
+    """The text of ``lua/<name>.lua``, to paste into scripts as a substitution."""
+    return _template(name)
 
 
 @functools.lru_cache(maxsize=64)

@@ -61,8 +61,10 @@ def _layout(channel: Any, client: Any, queue: str) -> _Layout:
         prefixed_client = bool(getattr(client, "global_keyprefix", None))
         base = queue if prefixed_client else (prefix + queue).encode()
         lua_list = "{" + ", ".join(map(_lua_string, suffixes)) + "}"
-        script = scripts.load("capped_push", (("SUFFIXES", lua_list),))
-        tenant_script = scripts.load("tenant_push", (("SUFFIXES", lua_list),))
+        # Both scripts count the queue's depth with the same fragment.
+        depth = (("QUEUE_DEPTH", scripts.fragment("queue_depth")), ("SUFFIXES", lua_list))
+        script = scripts.load("capped_push", depth)
+        tenant_script = scripts.load("tenant_push", depth)
         encoded = {step: suffix.encode() for step, suffix in suffix_of.items()}
         layout = layouts[queue] = _Layout(base, encoded, script, tenant_script)
     return layout

@@ -171,6 +171,15 @@ if op == 'acquire' then
   return {'half-open', soonest, transition}
 end
 
+-- The transition to open: a fresh record (no window counts), and the answer.
+local function open_now()
+  state = 'open'
+  opened_at = now
+  failures = 0
+  save_anew()
+  return {state, reset, 'open'}
+end
+
 if op == 'failure' then
   if state == 'closed' then
     if now - window_start > tonumber(ARGV[7]) then
@@ -179,29 +188,17 @@ if op == 'failure' then
     end
     failures = failures + 1
     if failures >= tonumber(ARGV[3]) then
-      state = 'open'
-      opened_at = now
-      failures = 0
-      save_anew()
-      return {state, reset, 'open'}
+      return open_now()
     end
     save()
     if tonumber(ARGV[14]) > 0 and count_crossed() then
-      state = 'open'
-      opened_at = now
-      failures = 0
-      save_anew()
-      return {state, reset, 'open'}
+      return open_now()
     end
     return {state, 0, ''}
   end
   if state == 'half-open' and holds() then
-    state = 'open'
-    opened_at = now
-    failures = 0
     drop_trials()
-    save_anew()
-    return {state, reset, 'open'}
+    return open_now()
   end
   return seen()
 end
@@ -210,11 +207,7 @@ if op == 'count' then
   -- Only a closed breaker counts calls: those that ran on a stale view of an
   -- open one say nothing new.
   if state == 'closed' and count_crossed() then
-    state = 'open'
-    opened_at = now
-    failures = 0
-    save_anew()
-    return {state, reset, 'open'}
+    return open_now()
   end
   return seen()
 end

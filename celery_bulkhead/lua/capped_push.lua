@@ -17,20 +17,7 @@
 -- Cluster, where every key would have to be declared).
 --
 -- Returns the depth after the push (> 0) when pushed, -depth when full.
-local base = KEYS[1]
-local suffixes = {{SUFFIXES}}
-local depth = redis.call('LLEN', base)
--- The sub-lists exist only once a message with a priority was sent: one EXISTS
--- for all of them is cheaper than an LLEN of each.
-local subs = {}
-for i, suffix in ipairs(suffixes) do
-  subs[i] = base .. suffix
-end
-if #subs > 0 and redis.call('EXISTS', unpack(subs)) > 0 then
-  for _, key in ipairs(subs) do
-    depth = depth + redis.call('LLEN', key)
-  end
-end
+{{QUEUE_DEPTH}}
 if depth >= tonumber(ARGV[1]) then
   return -depth
 end

@@ -20,20 +20,7 @@
 -- whole bucket costs the server): the depth after the push (> 0) when pushed,
 -- -depth when the queue is full, and a status reply holding the µs until the
 -- tenant's next token when the tenant is over its limit.
-local base = KEYS[1]
-local suffixes = {{SUFFIXES}}
-local depth = redis.call('LLEN', base)
--- The sub-lists exist only once a message with a priority was sent: one EXISTS
--- for all of them is cheaper than an LLEN of each.
-local subs = {}
-for i, suffix in ipairs(suffixes) do
-  subs[i] = base .. suffix
-end
-if #subs > 0 and redis.call('EXISTS', unpack(subs)) > 0 then
-  for _, key in ipairs(subs) do
-    depth = depth + redis.call('LLEN', key)
-  end
-end
+{{QUEUE_DEPTH}}
 if depth >= tonumber(ARGV[1]) then
   return -depth
 end
