@@ -6,6 +6,13 @@ values fixed for a client's lifetime) and :func:`run` calls it: ``EVALSHA``
 first, and after a Redis restart or ``SCRIPT FLUSH`` (``NOSCRIPT``) the
 script is registered again and the call repeated, transparently.
 
+The hot path (a capped or tenant-limited publish, a tenant's bucket) uses
+:func:`call` instead: one script over one redis-py connection's socket,
+outside redis-py's command layers (pool checkout, retries, events,
+observability), which cost a publish more than Redis takes to run the
+script.  It takes replies of one line only (an integer, a status or an
+error), which is all these scripts answer.
+
 Redis-only: this module imports redis-py, so only Redis backends import it.
 """
 
@@ -13,13 +20,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import select
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["Script", "fragment", "load", "run"]
+__all__ = ["Script", "call", "fragment", "load", "pack", "run"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +67,98 @@ def run(client: Any, script: Script, numkeys: bytes, *args: Any) -> Any:
     except NoScriptError:
         client.script_load(script.text)
         return client.execute_command("EVALSHA", script.sha, numkeys, *args)
+
+
+def pack(*args: bytes) -> bytes:
+    """A command in Redis's wire protocol (RESP), every argument already bytes."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+def call(conn: Any, script: Script, args: tuple[bytes, ...], packed: bytes | None = None) -> Any:
+    """Run ``script`` with ``args`` (numkeys, keys, argv) over ``conn``'s socket.
+
+    ``packed`` is ``EVALSHA sha *args`` already packed (:func:`pack`), for a
+    caller that sends the same command often.  On ``NOSCRIPT`` (a restarted or
+    flushed Redis) the script is sent whole with ``EVAL``, which also
+    registers it.  Answers an ``int`` (an integer reply) or ``bytes`` (a
+    status reply); an error reply raises :class:`~redis.exceptions.ResponseError`,
+    and a connection that fails or times out is dropped (the next call
+    connects anew) and raises redis-py's ``ConnectionError`` or
+    ``TimeoutError``, as a redis-py client would.
+    """
+    try:
+        return _round_trip(conn, packed or pack(b"EVALSHA", script.sha, *args))
+    except NoScriptError:
+        return _round_trip(conn, pack(b"EVAL", script.text.encode(), *args))
+
+
+def _round_trip(conn: Any, command: bytes) -> Any:
+    sock = _socket(conn)
+    try:
+        sock.sendall(command)
+        line = sock.recv(_CHUNK)
+        while line[-2:] != b"\r\n":
+            if not line:
+                raise RedisConnectionError("Connection closed by server.")
+            more = sock.recv(_CHUNK)
+            if not more:
+                raise RedisConnectionError("Connection closed by server.")
+            line += more
+    except TimeoutError as exc:  # socket.timeout
+        conn.disconnect()
+        raise RedisTimeoutError(f"Timeout talking to Redis: {exc}") from exc
+    except OSError as exc:
+        conn.disconnect()
+        raise RedisConnectionError(f"Error talking to Redis: {exc}") from exc
+    except BaseException:
+        conn.disconnect()  # interrupted mid-reply: the connection's state is unknown
+        raise
+    kind, body = line[:1], line[1:-2]
+    if b"\r\n" in body:
+        kind = b""  # more than one line: not a reply these scripts give
+    if kind == b":":
+        return int(body)
+    if kind == b"+":
+        return body
+    if kind == b"-":
+        message = body.decode("utf-8", "replace")
+        if message.startswith("NOSCRIPT"):
+            raise NoScriptError(message)
+        raise ResponseError(message)
+    conn.disconnect()
+    raise InvalidResponse(f"Unexpected reply to a script call: {line[:40]!r}")
+
+
+#: Bytes asked of the socket at once: a one-line reply fits many times over.
+_CHUNK = 4096
+
+
+def _socket(conn: Any) -> Any:
+    """``conn``'s socket, connected; first dropped if it went stale.
+
+    As redis-py's pool checks a connection on checkout: an idle connection
+    that reads as ready was closed by the server (a restart, an idle
+    timeout) or holds data nobody asked for; it is closed, and made anew.
+    """
+    sock = conn._sock
+    if sock is not None and _readable(sock):
+        conn.disconnect()
+        sock = None
+    if sock is None:
+        conn.connect()
+        sock = conn._sock
+    return sock
+
+
+def _readable(sock: Any) -> bool:
+    if _poll is None:  # no poll(2) (Windows): select(2)
+        return bool(select.select([sock], [], [], 0)[0])
+    poller = _poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+_poll = getattr(select, "poll", None)

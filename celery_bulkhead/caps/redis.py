@@ -13,6 +13,7 @@ kombu's own ``_put`` does.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -37,13 +38,13 @@ def _lua_string(value: str) -> str:
 class _Layout:
     """How one kombu channel stores one queue: the script to run and its keys."""
 
-    base: str | bytes  # KEYS[1], as passed to EVALSHA
+    base: bytes  # KEYS[1], the key prefix applied
     suffix_of: dict[int, bytes]  # priority step -> ARGV[2], the sub-list suffix
     script: scripts.Script
     tenant_script: scripts.Script  # the same push, spending a tenant's token too
 
 
-def _layout(channel: Any, client: Any, queue: str) -> _Layout:
+def _layout(channel: Any, queue: str) -> _Layout:
     # Cached on the channel: its separator, priority steps and key prefix are
     # fixed for its lifetime, and a publish should not recompute them.
     layouts: dict[str, _Layout] | None = channel.__dict__.get("_celery_bulkhead_layouts")
@@ -54,20 +55,37 @@ def _layout(channel: Any, client: Any, queue: str) -> _Layout:
         sep, prefix = channel.sep, getattr(channel, "global_keyprefix", "") or ""
         suffix_of = {step: (f"{sep}{step}" if step else "") for step in channel.priority_steps}
         suffixes = tuple(dict.fromkeys(s for s in suffix_of.values() if s))
-        # kombu's prefixed client adds the prefix to the first key of an EVALSHA
-        # itself (PrefixedStrictRedis.PREFIXED_COMPLEX_COMMANDS).
-        # Arguments are encoded once here, not by redis-py on every call; the
-        # prefixed client needs the key as text (it prefixes it with str()).
-        prefixed_client = bool(getattr(client, "global_keyprefix", None))
-        base = queue if prefixed_client else (prefix + queue).encode()
         lua_list = "{" + ", ".join(map(_lua_string, suffixes)) + "}"
         # Both scripts count the queue's depth with the same fragment.
         depth = (("QUEUE_DEPTH", scripts.fragment("queue_depth")), ("SUFFIXES", lua_list))
         script = scripts.load("capped_push", depth)
         tenant_script = scripts.load("tenant_push", depth)
         encoded = {step: suffix.encode() for step, suffix in suffix_of.items()}
-        layout = layouts[queue] = _Layout(base, encoded, script, tenant_script)
+        # The key prefix applies to the queue's key only, as kombu's prefixed
+        # client applies it to an EVALSHA's first key (a tenant's bucket key,
+        # the second, is the same in every app sharing the state).
+        layout = layouts[queue] = _Layout((prefix + queue).encode(), encoded, script, tenant_script)
     return layout
+
+
+def _connection(channel: Any) -> Any:
+    """The channel's own connection for capped pushes (:func:`scripts.call`).
+
+    kombu makes a redis-py client for every ``_put``, and redis-py checks a
+    connection out of its pool for every command, both costing a publish
+    more than Redis takes to run the push.  A capped push goes over a
+    connection of its own instead, made from the channel's pool settings
+    (URL, TLS, auth, timeouts) and counted among the pool's connections in
+    use: :func:`within` sets its timeouts with theirs, and the channel's close
+    disconnects it with them.  A channel is used by one thread at a time.
+    """
+    held = channel.__dict__.get("_celery_bulkhead_conn")
+    pool = channel.pool
+    if held is None or held[0] is not pool or held[1] != os.getpid():
+        conn = pool.connection_class(**pool.connection_kwargs)
+        pool._in_use_connections.add(conn)
+        held = channel.__dict__["_celery_bulkhead_conn"] = (pool, os.getpid(), conn)
+    return held[2]
 
 
 def _capped_put(
@@ -77,38 +95,38 @@ def _capped_put(
     # push past the check: the capped push is always sent at once.
     priority = channel.priority(channel._get_message_priority(message, reverse=False))
     expires = channel._expires.get(queue) if getattr(channel, "_expires", None) else None
-    with channel.conn_or_acquire() as client:
-        layout = _layout(channel, client, queue)
-        if push.bucket is not None:
-            _tenant_put(client, layout, push, priority, message, expires)
-            return
-        args = [layout.base, push.cap_arg, layout.suffix_of[priority], dumps(message)]
-        if expires:
-            args.append(str(int(expires)).encode())
-        result = int(scripts.run(client, layout.script, b"1", *args))
+    conn = _connection(channel)
+    layout = _layout(channel, queue)
+    body = conn.encoder.encode(dumps(message))
+    if push.bucket is not None:
+        _tenant_put(conn, layout, push, priority, body, expires)
+        return
+    args: tuple[bytes, ...] = (b"1", layout.base, push.cap_arg, layout.suffix_of[priority], body)
+    if expires:
+        args += (str(int(expires)).encode(),)
+    result = scripts.call(conn, layout.script, args)
     if result < 0:
         raise QueueFull(-result)
 
 
 def _tenant_put(
-    client: Any, layout: _Layout, push: CappedPush, priority: int, message: Any, expires: Any
+    conn: Any, layout: _Layout, push: CappedPush, priority: int, body: bytes, expires: Any
 ) -> None:
     assert push.bucket is not None
     key, interval, burst = push.bucket
-    result = scripts.run(
-        client,
-        layout.tenant_script,
+    args = (
         b"2",
         layout.base,
-        key,
+        key.encode(),
         push.cap_arg,
         layout.suffix_of[priority],
-        dumps(message),
+        body,
         str(int(expires or 0)).encode(),
         interval,
         burst,
     )
-    if isinstance(result, (bytes, str)):  # a status reply: µs to the next token
+    result = scripts.call(conn, layout.tenant_script, args)
+    if isinstance(result, bytes):  # a status reply: µs to the next token
         raise TenantRefused(int(result) / 1_000_000)
     if result < 0:
         raise QueueFull(-result)

@@ -19,7 +19,6 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from .. import scripts
@@ -45,14 +44,14 @@ class _Local(threading.local):
 
 
 class _Command:
-    """One tenant's bucket call: its script and arguments, packed on first use."""
+    """One tenant's bucket call: its script and arguments, packed once."""
 
     __slots__ = ("args", "packed", "script")
 
-    def __init__(self, script: scripts.Script, args: tuple[Any, ...]) -> None:
+    def __init__(self, script: scripts.Script, args: tuple[bytes, ...]) -> None:
         self.script = script
         self.args = args
-        self.packed: Any = None
+        self.packed = scripts.pack(b"EVALSHA", script.sha, *args)
 
 
 def throttled_key(pool: str) -> str:
@@ -88,9 +87,8 @@ class RedisStore:
     def take(self, key: str, interval: float, burst: int, horizon: float = 0.0) -> Take:
         """Spend one token (GCRA, ``lua/bucket.lua``): one round trip."""
         command = self._command(key, interval, burst, horizon)
-        conn = self._connection()
-        self._send(conn, command)
-        wait = int(self._read(conn, command)) / 1_000_000
+        answer = scripts.call(self._connection(), command.script, command.args, command.packed)
+        wait = int(answer) / 1_000_000
         return Take(wait >= 0, 0.0, abs(wait))
 
     def _command(self, key: str, interval: float, burst: int, horizon: float) -> _Command:
@@ -99,18 +97,16 @@ class RedisStore:
         if command is None:
             if len(self._take_commands) >= _COMMANDS_KEPT:
                 self._take_commands.clear()  # tenants are unbounded: so is nothing here
-            args = (key, max(1, round(interval * 1_000_000)), burst, round(horizon * 1_000_000))
+            numbers = (max(1, round(interval * 1_000_000)), burst, round(horizon * 1_000_000))
+            args = (b"1", key.encode(), *(str(number).encode() for number in numbers))
             command = self._take_commands[cache_key] = _Command(scripts.load("bucket"), args)
         return command
 
     def _connection(self) -> Any:
-        """This thread's own connection to the state Redis.
+        """This thread's own connection to the state Redis, for :func:`scripts.call`.
 
-        redis-py's client wraps each command in a pool checkout, retries,
-        events and observability, which cost a tenant-limited publish more
-        than the round trip itself.  The hot path's one call goes over a
-        connection per thread instead, made from the client's settings (URL,
-        TLS, auth, timeouts), with its command packed once per tenant.
+        Made from the client's settings (URL, TLS, auth, timeouts) and kept
+        per thread: the hot path's one call skips redis-py's client layers.
         """
         local = self._local
         conn = local.__dict__.get("conn")
@@ -119,45 +115,6 @@ class RedisStore:
             conn = local.conn = pool.connection_class(**pool.connection_kwargs)
             local.pid = os.getpid()
         return conn
-
-    def _send(self, conn: Any, command: _Command) -> None:
-        """Send ``command`` on ``conn``: first drop the connection if it went stale.
-
-        As redis-py's pool does on checkout: a connection the server closed
-        (a restart, an idle timeout) reads as ready; it is closed here, and the
-        send connects anew.
-        """
-        if conn._sock is not None:
-            try:
-                if conn.can_read(timeout=0):
-                    raise ConnectionError("unexpected data on an idle connection")
-            except (ConnectionError, OSError, RedisError):
-                conn.disconnect()
-        packed = command.packed
-        if packed is None:
-            packed = command.packed = conn.pack_command(
-                "EVALSHA", command.script.sha, 1, *command.args
-            )
-        try:
-            conn.send_packed_command(packed, check_health=False)
-        except BaseException:
-            conn.disconnect()
-            raise
-
-    def _read(self, conn: Any, command: _Command) -> Any:
-        """The answer to ``command``; ``NOSCRIPT`` loads the script and sends it again."""
-        try:
-            return conn.read_response()
-        except NoScriptError:
-            conn.send_command("SCRIPT", "LOAD", command.script.text, check_health=False)
-            conn.read_response()
-            self._send(conn, command)
-            return self._read(conn, command)
-        except ResponseError:
-            raise  # an answer: the connection is fine
-        except BaseException:
-            conn.disconnect()
-            raise
 
     def lease(self, key: str, member: str, limit: int, seconds: float) -> tuple[bool, float]:
         script = scripts.load("lease")

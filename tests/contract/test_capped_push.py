@@ -17,7 +17,7 @@ from kombu import Connection, Exchange, Queue
 
 from celery_bulkhead import caps
 from celery_bulkhead.caps import CURRENT, CappedPush, QueueFull
-from tests.support import BROKERS
+from tests.support import BROKERS, wait_for
 
 TRANSPORTS = {"memory": "memory://", "redis": BROKERS["redis"]}
 
@@ -189,3 +189,31 @@ def test_the_one_call_tenant_push_counts_every_priority_and_spends_no_token_when
             with conn.channel() as channel:
                 queue(channel).delete()
             client.delete(key)
+
+
+def test_a_capped_push_survives_a_dropped_connection_and_closes_with_its_connection() -> None:
+    """Redis: the push's own connection is remade after the server drops it, never
+    pushing twice, and is closed when the producer's connection closes (no leak)."""
+    import redis
+
+    caps.install("redis")
+    name = f"contract-conn-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    client = redis.Redis.from_url(BROKERS["redis"])
+
+    def ours() -> list[int]:
+        return [int(c["id"]) for c in client.client_list() if c.get("name") == name]
+
+    try:
+        with Connection(BROKERS["redis"], transport_options={"client_name": name}) as conn:
+            queue(conn.default_channel).declare()
+            publish(conn, queue, cap=5)
+            assert ours()
+            for held in ours():
+                client.client_kill_filter(_id=held)  # a restart, an idle timeout
+            publish(conn, queue, cap=5)  # no error, no retry: a new connection
+            assert depth(conn, queue) == 2
+            queue(conn.default_channel).delete()
+        wait_for(lambda: not ours(), 5, "the connections to close with the producer's")
+    finally:
+        client.delete(name)

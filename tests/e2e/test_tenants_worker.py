@@ -705,8 +705,19 @@ def test_slots_of_killed_tasks_come_back_when_their_leases_expire(
 RENEWED_LEASE = 1.5  # seconds, in the node (BULKHEAD_TEST_RENEWED_LEASE); 300 in production
 
 
+@pytest.fixture(scope="module")
+def renewing(on_redis: Stage) -> Node:
+    """The one node of the ``renewed`` pool (no time limit), its leases 1.5 s long."""
+    stage = on_redis
+    node = stage.start("renewed", BULKHEAD_TEST_RENEWED_LEASE=str(RENEWED_LEASE))
+    task = stage.app.tasks["tenants.renewed"]
+    stage.ready(node, lambda tag: task.delay(tenant="warm-up", tag=tag))
+    stage.tenants.add("warm-up")
+    return node
+
+
 def test_a_task_without_a_time_limit_keeps_its_slot_for_as_long_as_it_runs(
-    on_redis: Stage,
+    on_redis: Stage, renewing: Node
 ) -> None:
     """max_inflight=1, no time limit: the first task runs for several lease lengths.
 
@@ -714,10 +725,7 @@ def test_a_task_without_a_time_limit_keeps_its_slot_for_as_long_as_it_runs(
     second task waits until the first ends, then runs; the slot is released.
     """
     stage = on_redis
-    node = stage.start("renewed", BULKHEAD_TEST_RENEWED_LEASE=str(RENEWED_LEASE))
     task = stage.app.tasks["tenants.renewed"]
-    stage.ready(node, lambda tag: task.delay(tenant="warm-up", tag=tag))
-    stage.tenants.add("warm-up")
     tenant = stage.tenant("long")
     release = stage.key("release-long")
     first = task.delay(tenant=tenant, tag=f"long-{tenant}-0", release_key=release, seconds=60.0).id
@@ -741,4 +749,41 @@ def test_a_task_without_a_time_limit_keeps_its_slot_for_as_long_as_it_runs(
     stage.records.wait("done", f"long-{tenant}-1", timeout=30)
     spans = _spans(stage, f"long-{tenant}-")
     assert _most_at_once(list(spans.values())) == 1
+    wait_for(lambda: leases.zcard(key) == 0, 10, "the slots to be released")
+
+
+def test_a_killed_workers_slots_come_back_within_one_lease_without_a_time_limit(
+    on_redis: Stage, renewing: Node
+) -> None:
+    """kill -9 stops the renewals: the held slot comes back one lease length after, at most.
+
+    (In production 5 minutes; here the node's lease is 1.5 s.)  The tenant's
+    next task runs on the restarted node once the dead lease has expired.
+    """
+    stage, node = on_redis, renewing
+    task = stage.app.tasks["tenants.renewed"]
+    tenant = stage.tenant("killed")
+    never = stage.key("never")
+    held = task.delay(tenant=tenant, tag=f"held-{tenant}", release_key=never, seconds=60.0).id
+    stage.records.wait("started", f"held-{tenant}", timeout=30)
+    leases = stage.records.client
+    key = lease_key("renewed", tenant)
+    taken = leases.zscore(key, held)
+    assert taken is not None
+    wait_for(lambda: (leases.zscore(key, held) or 0) > taken, 10, "a renewal of the held lease")
+    first_pid = node.child()
+    assert first_pid is not None
+    os.killpg(first_pid, signal.SIGKILL)
+    killed_at = time.time()
+    wait_for(lambda: not _alive(first_pid), 10, "the killed node to be gone", 0.01)
+    expiry = (leases.zscore(key, held) or 0) / 1000
+    # The last renewal came before the kill: the slot is free one lease length after, at most.
+    assert killed_at < expiry <= killed_at + RENEWED_LEASE + SLACK
+    wait_for(lambda: node.child() not in (None, first_pid), 20, "the supervisor to restart it")
+    after = task.delay(tenant=tenant, tag=f"after-{tenant}", seconds=0.0).id
+    (done,) = stage.records.wait("done", f"after-{tenant}", timeout=60)
+    assert done["id"] == after and done["pid"] != first_pid
+    (started,) = stage.runs(f"after-{tenant}", "started")
+    assert started["at"] >= expiry - SLACK, "the next task took the dead task's slot early"
+    assert not stage.runs(f"held-{tenant}"), "the killed task finished after all"
     wait_for(lambda: leases.zcard(key) == 0, 10, "the slots to be released")
