@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
@@ -78,7 +78,7 @@ class ConfirmingProducers:
         try:
             connect(connection, deadline)
             _bound(connection, deadline)
-            yield self.app.amqp.Producer(connection, auto_declare=False)
+            yield self._producer(connection)
         except BaseException:
             # After a channel or connection error the default channel is gone
             # for good (kombu does not reopen it): close, so reuse reconnects.
@@ -86,6 +86,20 @@ class ConfirmingProducers:
             raise
         finally:
             connection.release()
+
+    def _producer(self, connection: Any) -> Any:
+        """The producer on ``connection``'s default channel, kept while that channel lives.
+
+        Made once per channel, not per publish (kombu's own producer pool
+        does the same): after a channel or connection error the channel is
+        a new one, and so is the producer.
+        """
+        channel = connection.default_channel
+        held = connection.__dict__.get(_PRODUCER)
+        if held is None or held[0] is not channel:
+            producer = self.app.amqp.Producer(channel, auto_declare=False)
+            held = connection.__dict__[_PRODUCER] = (channel, producer)
+        return held[1]
 
     def depth(self, queue: str, deadline: float, connect: Connect) -> int:
         """Ready messages in ``queue`` (a passive declare), by ``deadline``."""
@@ -116,6 +130,9 @@ def _bound(connection: Any, deadline: float) -> None:
 
 
 _DEADLINE = "_celery_bulkhead_deadline"
+#: py-amqp's ``Transport.having_timeout``: a context in which the socket has that timeout.
+_HavingTimeout = Callable[[float | None], AbstractContextManager[Any]]
+_PRODUCER = "_celery_bulkhead_producer"
 
 
 class _Deadline:
@@ -123,15 +140,14 @@ class _Deadline:
 
     __slots__ = ("_having_timeout", "at")
 
-    def __init__(self, having_timeout: Callable[[float | None], Any]) -> None:
+    def __init__(self, having_timeout: _HavingTimeout) -> None:
         self._having_timeout = having_timeout
         self.at = 0.0
 
-    @contextmanager
-    def having_timeout(self, timeout: float | None) -> Iterator[Any]:
+    def having_timeout(self, timeout: float | None) -> AbstractContextManager[Any]:
+        # py-amqp's own context, given the time left: no second generator per frame.
         left = max(self.at - time.monotonic(), 0.001)
-        with self._having_timeout(left if timeout is None else min(timeout, left)) as sock:
-            yield sock
+        return self._having_timeout(left if timeout is None else min(timeout, left))
 
 
 def mismatch_error(pool: Pool, exc: BaseException) -> ConfigurationError | None:
