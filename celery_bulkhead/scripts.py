@@ -26,10 +26,10 @@ from importlib import resources
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["Script", "call", "fragment", "load", "pack", "run"]
+__all__ = ["Script", "call", "connection", "fragment", "load", "pack", "run"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,23 @@ def run(client: Any, script: Script, numkeys: bytes, *args: Any) -> Any:
         return client.execute_command("EVALSHA", script.sha, numkeys, *args)
 
 
+def connection(pool: Any) -> Any:
+    """A connection for :func:`call`, made from ``pool``'s settings (URL, TLS, auth, timeouts).
+
+    It speaks RESP2 and has no maintenance notifications (redis-py 8 defaults
+    to RESP3 with them on where the server offers them): a push frame
+    arriving beside a reply would not be one line, and :func:`call` reads
+    one line.
+    """
+    kwargs = dict(pool.connection_kwargs)
+    kwargs["protocol"] = 2
+    if "maint_notifications_config" in kwargs:  # redis-py 8
+        kwargs["maint_notifications_config"] = None
+    kwargs.pop("maint_notifications_pool_handler", None)
+    kwargs.pop("oss_cluster_maint_notifications_handler", None)
+    return pool.connection_class(**kwargs)
+
+
 def pack(*args: bytes) -> bytes:
     """A command in Redis's wire protocol (RESP), every argument already bytes."""
     parts = [b"*%d\r\n" % len(args)]
@@ -84,8 +101,10 @@ def call(conn: Any, script: Script, args: tuple[bytes, ...], packed: bytes | Non
     caller that sends the same command often.  On ``NOSCRIPT`` (a restarted or
     flushed Redis) the script is sent whole with ``EVAL``, which also
     registers it.  Answers an ``int`` (an integer reply) or ``bytes`` (a
-    status reply); an error reply raises :class:`~redis.exceptions.ResponseError`,
-    and a connection that fails or times out is dropped (the next call
+    status reply); an error reply raises redis-py's exception for it (a
+    :class:`~redis.exceptions.ResponseError`, ``BusyLoadingError`` while
+    Redis loads its data; ``READONLY`` drops the connection and raises a
+    ``ConnectionError``), and a connection that fails or times out is dropped (the next call
     connects anew) and raises redis-py's ``ConnectionError`` or
     ``TimeoutError``, as a redis-py client would.
     """
@@ -124,10 +143,16 @@ def _round_trip(conn: Any, command: bytes) -> Any:
     if kind == b"+":
         return body
     if kind == b"-":
-        message = body.decode("utf-8", "replace")
-        if message.startswith("NOSCRIPT"):
-            raise NoScriptError(message)
-        raise ResponseError(message)
+        # redis-py's own error types: LOADING is a BusyLoadingError (a
+        # ConnectionError, retried within the deadline), NOSCRIPT a NoScriptError.
+        error = conn._parser.parse_error(body.decode("utf-8", "replace"))
+        if isinstance(error, ReadOnlyError):
+            # The server became a replica (a failover): drop the connection,
+            # so the next one finds the master (Sentinel) or fails as a
+            # connection error, as redis-py's Sentinel connections do.
+            conn.disconnect()
+            raise RedisConnectionError("The server is a read-only replica now") from error
+        raise error
     conn.disconnect()
     raise InvalidResponse(f"Unexpected reply to a script call: {line[:40]!r}")
 

@@ -81,8 +81,17 @@ def _connection(channel: Any) -> Any:
     """
     held = channel.__dict__.get("_celery_bulkhead_conn")
     pool = channel.pool
-    if held is None or held[0] is not pool or held[1] != os.getpid():
-        conn = pool.connection_class(**pool.connection_kwargs)
+    if (
+        held is None
+        or held[0] is not pool
+        or held[1] != os.getpid()
+        # A pool reset (redis-py resets a pool after a fork it was not told
+        # of) forgets its connections: this one too, so it is made anew.
+        or held[2] not in pool._in_use_connections
+    ):
+        if held is not None and held[1] == os.getpid():
+            held[2].disconnect()  # this process's own: nothing else will close it now
+        conn = scripts.connection(pool)
         pool._in_use_connections.add(conn)
         held = channel.__dict__["_celery_bulkhead_conn"] = (pool, os.getpid(), conn)
     return held[2]

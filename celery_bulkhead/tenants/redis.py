@@ -111,8 +111,7 @@ class RedisStore:
         local = self._local
         conn = local.__dict__.get("conn")
         if conn is None or local.pid != os.getpid():
-            pool = self.client.connection_pool
-            conn = local.conn = pool.connection_class(**pool.connection_kwargs)
+            conn = local.conn = scripts.connection(self.client.connection_pool)
             local.pid = os.getpid()
         return conn
 

@@ -9,6 +9,7 @@ counts, and concurrent producers never push past the cap.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -217,3 +218,30 @@ def test_a_capped_push_survives_a_dropped_connection_and_closes_with_its_connect
         wait_for(lambda: not ours(), 5, "the connections to close with the producer's")
     finally:
         client.delete(name)
+
+
+def test_the_push_connection_is_remade_after_its_pool_forgets_it() -> None:
+    """Redis: redis-py resets a pool after a fork it was not told of (gunicorn
+    --preload, a bare os.fork), forgetting its connections.  The push's
+    connection is then made anew among the pool's connections in use, the
+    set that ``within()`` gives the deadline and the channel's close
+    disconnects; the forgotten one is closed."""
+    caps.install("redis")
+    name = f"contract-reset-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    with Connection(BROKERS["redis"]) as conn:
+        channel = conn.default_channel
+        queue(channel).declare()
+        try:
+            publish(conn, queue, cap=5)
+            pool = channel.pool
+            (first,) = [c for c in pool._in_use_connections if c._sock is not None]
+            pool.reset()  # as _checkpid() does in a forked child
+            publish(conn, queue, cap=5)
+            assert depth(conn, queue) == 2
+            (second,) = [c for c in pool._in_use_connections if c._sock is not None]
+            assert second is not first and first._sock is None
+            with caps.within("redis", conn, time.monotonic() + 0.5):
+                assert second._sock.gettimeout() <= 0.5  # the deadline reaches it
+        finally:
+            queue(channel).delete()

@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 import redis
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    InvalidResponse,
+    ReadOnlyError,
+    ResponseError,
+)
 
 from celery_bulkhead import scripts
 from tests.support import BROKERS
@@ -47,8 +53,8 @@ def key(client: redis.Redis) -> Iterator[bytes]:
 
 
 def connection(client: redis.Redis, name: str | None = None) -> Any:
-    pool = client.connection_pool
-    return pool.connection_class(**{**pool.connection_kwargs, "client_name": name})
+    """A connection as the hot path makes one, named so the server's client list shows it."""
+    return scripts.connection(redis.ConnectionPool.from_url(BROKERS["redis"], client_name=name))
 
 
 def client_ids(client: redis.Redis, name: str) -> list[int]:
@@ -104,3 +110,33 @@ def test_a_reply_of_more_than_one_line_drops_the_connection(client: redis.Redis)
     with pytest.raises(InvalidResponse):
         scripts.call(conn, listing, (b"0",))
     assert conn._sock is None  # nothing half-read is left for the next call
+
+
+def test_redis_py_error_types_survive_and_a_replica_drops_the_connection(
+    client: redis.Redis, key: bytes
+) -> None:
+    """LOADING stays a BusyLoadingError (a ConnectionError: retried within the deadline);
+    READONLY (a failover made the server a replica) drops the connection."""
+    name = f"call-{uuid.uuid4().hex[:8]}"
+    conn = connection(client, name)
+    loading = script("loading", "return redis.error_reply('LOADING Redis is loading')")
+    with pytest.raises(BusyLoadingError):
+        scripts.call(conn, loading, (b"0",))
+    assert conn._sock is not None  # an answer: the connection is fine
+    replica = script("replica", "return redis.error_reply('READONLY a read only replica')")
+    with pytest.raises(ConnectionError) as dropped:
+        scripts.call(conn, replica, (b"0",))
+    assert isinstance(dropped.value.__cause__, ReadOnlyError)
+    assert not client_ids(client, name) or conn._sock is None
+    assert scripts.call(conn, COUNTER, (b"1", key)) == 1  # a new connection
+
+
+def test_a_call_connection_speaks_resp2(client: redis.Redis, key: bytes) -> None:
+    """redis-py 8 defaults to RESP3, where push frames (maintenance notifications) may
+    arrive beside a reply; the one-line reader needs RESP2."""
+    name = f"call-{uuid.uuid4().hex[:8]}"
+    conn = connection(client, name)
+    scripts.call(conn, COUNTER, (b"1", key))
+    (entry,) = [c for c in client.client_list() if c.get("name") == name]
+    assert entry["resp"] == "2"
+    conn.disconnect()
